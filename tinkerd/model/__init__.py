@@ -1,0 +1,1 @@
+"""The math: base model loading, multi-adapter LoRA, losses, per-adapter AdamW, sampling."""

@@ -1,0 +1,231 @@
+"""Multi-adapter LoRA: one frozen base model, many low-rank adapters, chosen per batch row.
+
+Each targeted `nn.Linear` is wrapped in a `LoraLinear` that holds a reference to every adapter's
+(A, B) pair for that layer. Before a forward pass the caller sets the routing: contiguous
+segments of the batch's first dimension and the adapter each segment uses (rows are sorted by
+adapter, so each adapter's low-rank matmuls are one call per layer). Rows whose adapter is None
+run the plain base model. Gradients reach only the adapter a row used, because that adapter's
+parameters are the only ones on the row's path.
+"""
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTION_HINTS = ("attn", "attention")
+MLP_HINTS = ("mlp", "feed_forward", "ffn")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Tinker's LoRA options (`lora_config` of create_model); alpha defaults to 32 as in Tinker."""
+
+    rank: int = 32
+    alpha: float = 32.0
+    seed: int | None = None
+    train_attn: bool = True
+    train_mlp: bool = True
+    train_unembed: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"lora rank must be >= 1, got {self.rank}")
+        if not (self.train_attn or self.train_mlp or self.train_unembed):
+            raise ValueError("at least one of train_attn, train_mlp, train_unembed must be true")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows [start, end) of the batch use `adapter_id` (None: the base model)."""
+
+    adapter_id: str | None
+    start: int
+    end: int
+
+
+@dataclass
+class Routing:
+    """Shared by all LoraLinear layers of one model: the segments of the current batch."""
+
+    segments: list[Segment] = field(default_factory=list)
+
+
+class LoraLinear(nn.Module):
+    """A frozen `nn.Linear` plus the LoRA pairs of any number of adapters."""
+
+    def __init__(self, base: nn.Linear, routing: Routing) -> None:
+        super().__init__()
+        self.base = base
+        self.routing = routing
+        # adapter_id -> (A [r, in], B [out, r], scaling). Not registered as submodule
+        # parameters: adapters own their tensors and come and go at runtime.
+        self.adapters: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        for seg in self.routing.segments:
+            pair = self.adapters.get(seg.adapter_id) if seg.adapter_id is not None else None
+            if pair is None:
+                continue
+            a, b, scaling = pair
+            xs = x[seg.start : seg.end]
+            dt = out.dtype
+            delta = F.linear(F.linear(xs.to(dt), a.to(dt)), (b * scaling).to(dt))
+            if seg.start == 0 and seg.end == out.shape[0]:
+                out = out + delta
+            else:
+                out[seg.start : seg.end] += delta
+        return out
+
+
+@dataclass
+class Adapter:
+    """One tenant's LoRA weights: PEFT-named parameters and the config they were built from."""
+
+    adapter_id: str
+    config: LoraConfig
+    params: dict[str, nn.Parameter]  # "<module path>.lora_A.weight" / ".lora_B.weight"
+    trainable: bool = True
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.params.values())
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+
+def module_kind(path: str) -> str | None:
+    """'attn', 'mlp' or None for a Linear at `path`, judged by the names of its parents."""
+    parts = path.lower().split(".")[:-1]
+    if any(h in p for p in parts for h in ATTENTION_HINTS):
+        return "attn"
+    if any(h in p for p in parts for h in MLP_HINTS):
+        return "mlp"
+    return None
+
+
+class MultiLoraModel:
+    """Wraps a causal LM's attention, MLP and unembedding Linears with LoraLinear, in place."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.routing = Routing()
+        self.layers: dict[str, LoraLinear] = {}
+        self.kinds: dict[str, str] = {}
+        self.adapters: dict[str, Adapter] = {}
+        unembed = model.get_output_embeddings()
+        for path, module in list(model.named_modules()):
+            if not isinstance(module, nn.Linear):
+                continue
+            kind = "unembed" if module is unembed else module_kind(path)
+            if kind is None:
+                continue
+            wrapper = LoraLinear(module, self.routing)
+            parent_path, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            setattr(parent, child, wrapper)
+            self.layers[path] = wrapper
+            self.kinds[path] = kind
+
+    def target_paths(self, config: LoraConfig) -> list[str]:
+        wanted = {"attn": config.train_attn, "mlp": config.train_mlp}
+        wanted["unembed"] = config.train_unembed
+        return [p for p in self.layers if wanted[self.kinds[p]]]
+
+    def add_adapter(self, adapter_id: str, config: LoraConfig) -> Adapter:
+        """Create an adapter: A from a seeded Kaiming-uniform init (as PEFT), B zero."""
+        if adapter_id in self.adapters:
+            raise ValueError(f"adapter {adapter_id!r} already exists")
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(config.seed if config.seed is not None else torch.seed())
+        params: dict[str, nn.Parameter] = {}
+        for path in self.target_paths(config):
+            layer = self.layers[path]
+            device = layer.weight.device
+            a = torch.empty(config.rank, layer.in_features)
+            bound = 1.0 / math.sqrt(layer.in_features)  # kaiming_uniform_(a=sqrt(5)) bound
+            a.uniform_(-bound, bound, generator=gen)
+            b = torch.zeros(layer.out_features, config.rank)
+            params[f"{path}.lora_A.weight"] = nn.Parameter(a.to(device))
+            params[f"{path}.lora_B.weight"] = nn.Parameter(b.to(device))
+        adapter = Adapter(adapter_id, config, params)
+        self._attach(adapter)
+        return adapter
+
+    def _attach(self, adapter: Adapter) -> None:
+        self.adapters[adapter.adapter_id] = adapter
+        for path in self.target_paths(adapter.config):
+            a = adapter.params[f"{path}.lora_A.weight"]
+            b = adapter.params[f"{path}.lora_B.weight"]
+            self.layers[path].adapters[adapter.adapter_id] = (a, b, adapter.config.scaling)
+
+    def remove_adapter(self, adapter_id: str) -> None:
+        self.adapters.pop(adapter_id)
+        for layer in self.layers.values():
+            layer.adapters.pop(adapter_id, None)
+
+    def load_weights(self, adapter_id: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy PEFT-named tensors into an adapter (shapes must match its config)."""
+        adapter = self.adapters[adapter_id]
+        missing = set(adapter.params) - set(tensors)
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
+        with torch.no_grad():
+            for name, param in adapter.params.items():
+                src = tensors[name]
+                if src.shape != param.shape:
+                    raise ValueError(f"{name}: shape {tuple(src.shape)} != {tuple(param.shape)}")
+                param.copy_(src)
+
+    def snapshot(self, source_id: str, new_id: str) -> Adapter:
+        """An immutable copy of an adapter's current weights (for sampler snapshots)."""
+        source = self.adapters[source_id]
+        params = {
+            k: nn.Parameter(v.detach().clone(), requires_grad=False)
+            for k, v in source.params.items()
+        }
+        adapter = Adapter(new_id, source.config, params, trainable=False)
+        self._attach(adapter)
+        return adapter
+
+    @contextmanager
+    def route(self, segments: list[Segment]) -> Iterator[None]:
+        """Use `segments` for every LoRA layer during the block."""
+        previous = self.routing.segments
+        self.routing.segments = segments
+        try:
+            yield
+        finally:
+            self.routing.segments = previous
+
+
+def segments_for(adapter_ids: list[str | None]) -> list[Segment]:
+    """Contiguous runs of equal adapter ids (callers sort rows by adapter first)."""
+    segments: list[Segment] = []
+    start = 0
+    for i in range(1, len(adapter_ids) + 1):
+        if i == len(adapter_ids) or adapter_ids[i] != adapter_ids[start]:
+            segments.append(Segment(adapter_ids[start], start, i))
+            start = i
+    return segments

@@ -1,0 +1,200 @@
+"""One forward (and backward) pass over rows of many adapters and many loss functions.
+
+All rows of all inputs go into one padded batch, sorted by adapter so LoRA segments are
+contiguous. Right padding needs no attention mask under a causal model: real tokens never
+attend to the pad positions after them. Logits are computed only at real positions (hidden
+states are packed first), so padding costs body compute but no unembedding or softmax.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tinkerd.model.losses import LossInputError, get_loss
+from tinkerd.model.lora import MultiLoraModel, segments_for
+from tinkerd.model.types import Datum, ForwardBackwardInput, ForwardBackwardOutput
+
+
+@dataclass
+class _Row:
+    item: int  # index into the inputs
+    datum: int  # index into that input's data
+    adapter_id: str | None
+    datum_ref: Datum
+
+
+def validate_input(item: ForwardBackwardInput, vocab_size: int, context_length: int) -> None:
+    """Raise LossInputError naming the field and problem; called before batching so one bad
+    request never fails the others."""
+    _, required = get_loss(item.loss_fn)
+    if not item.data:
+        raise LossInputError("data is empty")
+    for i, datum in enumerate(item.data):
+        n = len(datum.tokens)
+        if n == 0:
+            raise LossInputError(f"data[{i}].model_input is empty")
+        if n > context_length:
+            raise LossInputError(
+                f"data[{i}].model_input has {n} tokens; the model's context is {context_length}"
+            )
+        if min(datum.tokens) < 0 or max(datum.tokens) >= vocab_size:
+            raise LossInputError(f"data[{i}].model_input has token ids outside [0, {vocab_size})")
+        for key in required:
+            if key not in datum.loss_fn_inputs:
+                raise LossInputError(
+                    f"data[{i}].loss_fn_inputs lacks {key!r} (required by {item.loss_fn})"
+                )
+        for key, value in datum.loss_fn_inputs.items():
+            if value.shape[0] != n:
+                raise LossInputError(
+                    f"data[{i}].loss_fn_inputs[{key!r}] has length {value.shape[0]}, "
+                    f"model_input has {n}"
+                )
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise LossInputError(f"data[{i}].loss_fn_inputs[{key!r}] has NaN or inf")
+        targets = datum.loss_fn_inputs.get("target_tokens")
+        if targets is not None:
+            if targets.is_floating_point():
+                raise LossInputError(f"data[{i}].loss_fn_inputs['target_tokens'] must be int64")
+            if targets.numel() and (targets.min() < 0 or targets.max() >= vocab_size):
+                raise LossInputError(
+                    f"data[{i}].loss_fn_inputs['target_tokens'] has ids outside [0, {vocab_size})"
+                )
+            weights = datum.loss_fn_inputs.get("weights")
+            if weights is not None and weights.shape != targets.shape:
+                raise LossInputError(
+                    f"data[{i}]: weights shape {tuple(weights.shape)} != "
+                    f"target_tokens shape {tuple(targets.shape)}"
+                )
+
+
+def unembed(lora: MultiLoraModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from final hidden states, with the model's final softcapping if it has one."""
+    logits = lora.model.get_output_embeddings()(hidden)
+    cap = getattr(lora.model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def body(model: nn.Module) -> nn.Module:
+    """The decoder stack without the LM head (`model.model` for Llama-like models)."""
+    return getattr(model, model.base_model_prefix)
+
+
+def target_logprobs(
+    lora: MultiLoraModel, rows: list[_Row], pad_id: int, chunk_tokens: int = 1024
+) -> list[torch.Tensor]:
+    """Log-probs of every row's target tokens, shape (N,) or (N, K), in `rows` order.
+
+    `rows` must be sorted by adapter. Softmax is taken in float32 in chunks of tokens so the
+    full (tokens x vocab) float32 matrix never exists at once.
+    """
+    device = lora.model.get_output_embeddings().weight.device
+    lengths = [len(r.datum_ref.tokens) for r in rows]
+    width = max(lengths)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : lengths[i]] = torch.tensor(r.datum_ref.tokens, dtype=torch.long)
+    ids = ids.to(device)
+    with lora.route(segments_for([r.adapter_id for r in rows])):
+        hidden = body(lora.model)(input_ids=ids, use_cache=False).last_hidden_state
+    mask = torch.arange(width).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    packed = hidden[mask.to(device)] if width * len(rows) != sum(lengths) else hidden.flatten(0, 1)
+    # Token-level segments for the unembedding (its input is packed tokens, not rows).
+    token_adapters = [r.adapter_id for r, n in zip(rows, lengths, strict=True) for _ in range(n)]
+    targets = [_targets_2d(r.datum_ref).to(device) for r in rows]
+    k_max = max(t.shape[1] for t in targets)
+    # (total tokens, K): rows with fewer target columns are padded with their first column.
+    flat_targets = torch.cat([t.expand(-1, k_max) if t.shape[1] == 1 else
+                              torch.cat([t, t[:, :1].expand(-1, k_max - t.shape[1])], 1)
+                              for t in targets])
+    pieces = []
+    with lora.route(segments_for(token_adapters)):
+        for start in range(0, packed.shape[0], chunk_tokens):
+            pieces.append(_chunk_logprobs(lora, packed, flat_targets, start, chunk_tokens))
+    out = torch.cat(pieces)
+    results, offset = [], 0
+    for r, t, n in zip(rows, targets, lengths, strict=True):
+        lp = out[offset : offset + n, : t.shape[1]]
+        offset += n
+        raw = r.datum_ref.loss_fn_inputs.get("target_tokens")
+        results.append(lp if raw is not None and raw.dim() == 2 else lp[:, 0])
+    return results
+
+
+def _chunk_logprobs(
+    lora: MultiLoraModel, packed: torch.Tensor, targets: torch.Tensor, start: int, size: int
+) -> torch.Tensor:
+    # Segments index the unembedding's first dim, so shift them to this chunk.
+    segments = lora.routing.segments
+    end = min(start + size, packed.shape[0])
+    local = [
+        type(s)(s.adapter_id, max(s.start, start) - start, min(s.end, end) - start)
+        for s in segments
+        if s.end > start and s.start < end
+    ]
+    with lora.route(local):
+        logits = unembed(lora, packed[start:end]).float()
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    return logits.gather(1, targets[start:end]) - lse
+
+
+def _targets_2d(datum: Datum) -> torch.Tensor:
+    t = datum.loss_fn_inputs.get("target_tokens")
+    if t is None:
+        # Losses without targets are not defined in Tinker; score the next input token.
+        raise LossInputError("loss_fn_inputs lacks 'target_tokens'")
+    return (t if t.dim() == 2 else t.unsqueeze(1)).long()
+
+
+def forward_backward(
+    lora: MultiLoraModel, inputs: list[ForwardBackwardInput], pad_id: int
+) -> list[ForwardBackwardOutput]:
+    """One forward over every datum of every input; backward of the sum of the losses of the
+    inputs that are not forward-only. Gradients accumulate in the adapters' `.grad`."""
+    rows = [
+        _Row(i, j, item.adapter_id, datum)
+        for i, item in enumerate(inputs)
+        for j, datum in enumerate(item.data)
+    ]
+    order = sorted(range(len(rows)), key=lambda k: (rows[k].adapter_id or "", k))
+    rows = [rows[k] for k in order]
+    needs_grad = any(not item.forward_only for item in inputs)
+    with torch.set_grad_enabled(needs_grad):
+        lps = target_logprobs(lora, rows, pad_id)
+        per_item: list[list[tuple[int, torch.Tensor, torch.Tensor]]] = [[] for _ in inputs]
+        total: torch.Tensor | None = None
+        for row, lp in zip(rows, lps, strict=True):
+            item = inputs[row.item]
+            fn, _ = get_loss(item.loss_fn)
+            device_inputs = _to_device(row.datum_ref.loss_fn_inputs, lp.device)
+            loss = fn(lp, device_inputs, item.loss_fn_config)
+            per_item[row.item].append((row.datum, lp.detach(), loss.detach()))
+            if not item.forward_only and item.adapter_id is not None:
+                total = loss.sum() if total is None else total + loss.sum()
+        if total is not None and total.requires_grad:
+            total.backward()
+    outputs = []
+    for results in per_item:
+        results.sort(key=lambda x: x[0])
+        loss_sum = sum(float(loss.sum()) for _, _, loss in results)
+        outputs.append(
+            ForwardBackwardOutput(
+                loss_fn_outputs=[
+                    {"logprobs": lp.cpu(), "elementwise_loss": loss.float().cpu()}
+                    for _, lp, loss in results
+                ],
+                metrics={"loss:sum": loss_sum},
+            )
+        )
+    return outputs
+
+
+def _to_device(inputs: Mapping[str, torch.Tensor], device: torch.device) -> dict:
+    return {
+        k: (v.to(device, torch.float32) if v.is_floating_point() else v.to(device))
+        for k, v in inputs.items()
+    }

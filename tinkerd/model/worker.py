@@ -1,0 +1,129 @@
+"""A worker owns one base model on one device and executes batches for many adapters.
+
+This is the interface the engine schedules against. Every method takes and returns plain data
+(dataclasses, tensors on CPU), so a worker can later live in another process or machine without
+the layers above changing. Methods are not thread-safe: the engine calls one at a time.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from tinkerd.model.loading import BaseModel, BaseModelInfo
+from tinkerd.model.lora import Adapter, LoraConfig, MultiLoraModel
+from tinkerd.model.optimizer import AdamParams, AdapterOptimizer, OptimStepResult
+from tinkerd.model.sampling import sample
+from tinkerd.model.training import forward_backward, validate_input
+from tinkerd.model.types import ForwardBackwardInput, ForwardBackwardOutput, SampleInput, SampleOutput
+
+
+class UnknownAdapterError(KeyError):
+    """The adapter id is not loaded on this worker."""
+
+
+@dataclass
+class AdapterState:
+    """Everything needed to persist an adapter: PEFT-named weights and optimizer moments."""
+
+    config: LoraConfig
+    target_modules: list[str]  # short module names, as PEFT's `target_modules`
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor] | None
+
+
+class ModelWorker:
+    def __init__(self, base: BaseModel, *, autocast_dtype: torch.dtype | None = None) -> None:
+        self.base = base
+        self.lora = MultiLoraModel(base.model)
+        self.optimizers: dict[str, AdapterOptimizer] = {}
+        self.autocast_dtype = autocast_dtype
+
+    @property
+    def info(self) -> BaseModelInfo:
+        return self.base.info
+
+    def _autocast(self) -> torch.autocast:
+        enabled = self.autocast_dtype is not None
+        return torch.autocast(
+            self.base.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled
+        )
+
+    def _adapter(self, adapter_id: str) -> Adapter:
+        if adapter_id not in self.lora.adapters:
+            raise UnknownAdapterError(adapter_id)
+        return self.lora.adapters[adapter_id]
+
+    def add_adapter(self, adapter_id: str, config: LoraConfig) -> None:
+        adapter = self.lora.add_adapter(adapter_id, config)
+        self.optimizers[adapter_id] = AdapterOptimizer(adapter.parameters())
+
+    def remove_adapter(self, adapter_id: str) -> None:
+        self._adapter(adapter_id)
+        self.lora.remove_adapter(adapter_id)
+        self.optimizers.pop(adapter_id, None)
+
+    def has_adapter(self, adapter_id: str) -> bool:
+        return adapter_id in self.lora.adapters
+
+    def snapshot_adapter(self, source_id: str, snapshot_id: str) -> None:
+        """Freeze a copy of an adapter's current weights for sampling."""
+        self._adapter(source_id)
+        self.lora.snapshot(source_id, snapshot_id)
+
+    def validate(self, item: ForwardBackwardInput) -> None:
+        """Raise LossInputError for a request that can never run (see training.validate_input)."""
+        if item.adapter_id is not None:
+            self._adapter(item.adapter_id)
+        validate_input(item, self.info.vocab_size, self.info.context_length)
+
+    def forward_backward(self, inputs: list[ForwardBackwardInput]) -> list[ForwardBackwardOutput]:
+        """One batched pass over every input; inputs must be validated first."""
+        for item in inputs:
+            if item.adapter_id is not None:
+                self._adapter(item.adapter_id)
+        with self._autocast():
+            return forward_backward(self.lora, inputs, self.info.pad_token_id)
+
+    def optim_step(self, adapter_id: str, params: AdamParams) -> OptimStepResult:
+        adapter = self._adapter(adapter_id)
+        if not adapter.trainable:
+            raise ValueError(f"adapter {adapter_id!r} is a frozen snapshot")
+        return self.optimizers[adapter_id].step(params)
+
+    def zero_grad(self, adapter_id: str) -> None:
+        for p in self._adapter(adapter_id).parameters():
+            p.grad = None
+
+    def sample(self, inputs: list[SampleInput]) -> list[SampleOutput]:
+        for item in inputs:
+            if item.adapter_id is not None:
+                self._adapter(item.adapter_id)
+        with self._autocast():
+            return sample(
+                self.lora,
+                self.base.tokenizer,
+                inputs,
+                eos_ids=self.info.eos_token_ids,
+                pad_id=self.info.pad_token_id,
+                context_length=self.info.context_length,
+            )
+
+    def export_adapter(self, adapter_id: str, *, with_optimizer: bool) -> AdapterState:
+        adapter = self._adapter(adapter_id)
+        names = list(adapter.params)
+        weights = {k: v.detach().cpu().clone() for k, v in adapter.params.items()}
+        optimizer = None
+        if with_optimizer and adapter_id in self.optimizers:
+            optimizer = self.optimizers[adapter_id].state_tensors(names)
+        targets = sorted({p.rsplit(".", 1)[-1] for p in self.lora.target_paths(adapter.config)})
+        return AdapterState(adapter.config, targets, weights, optimizer)
+
+    def import_adapter(self, adapter_id: str, state: AdapterState) -> None:
+        """Create (or replace) an adapter from saved state; optimizer moments if present."""
+        if self.has_adapter(adapter_id):
+            self.remove_adapter(adapter_id)
+        self.add_adapter(adapter_id, state.config)
+        self.lora.load_weights(adapter_id, state.weights)
+        if state.optimizer:
+            names = list(self._adapter(adapter_id).params)
+            self.optimizers[adapter_id].load_state_tensors(names, state.optimizer)
