@@ -11,6 +11,7 @@ forward pass's target logprob. Greedy (temperature 0) reports the temperature-1 
 Prompt logprobs are always at temperature 1 (like `compute_logprobs`).
 """
 
+import math
 import secrets
 from dataclasses import dataclass, field
 
@@ -22,6 +23,9 @@ from tinkerd.model.training import body, unembed
 from tinkerd.model.types import SampledSequence, SampleInput, SampleOutput, SamplingParams
 
 SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads sample indices over seeds
+
+
+PROMPT_CHUNK = 512  # prompt positions per unembedding chunk
 
 
 @dataclass
@@ -48,11 +52,44 @@ def row_seed(seed: int | None, sample_index: int) -> int:
 def stop_conditions(
     params: SamplingParams, eos_ids: tuple[int, ...]
 ) -> tuple[frozenset[int], tuple[str, ...]]:
+    """EOS always stops, and stop strings or ids stop too; only `stop=[]` disables stopping
+    (the cookbook's role_colon parser expects EOS-terminated responses under string stops)."""
     if params.stop is None:
         return frozenset(eos_ids), ()
-    tokens = frozenset(s for s in params.stop if isinstance(s, int))
+    if len(params.stop) == 0:
+        return frozenset(), ()
+    tokens = frozenset(s for s in params.stop if isinstance(s, int)) | frozenset(eos_ids)
     strings = tuple(s for s in params.stop if isinstance(s, str))
     return tokens, strings
+
+
+def validate_sample_input(item: SampleInput, vocab_size: int, context_length: int) -> None:
+    """Raise ValueError naming the field and problem, before the request joins a batch."""
+    n = len(item.prompt)
+    p = item.params
+    checks = [
+        (n > 0, "prompt is empty"),
+        (
+            n == 0 or (min(item.prompt) >= 0 and max(item.prompt) < vocab_size),
+            f"prompt has token ids outside [0, {vocab_size})",
+        ),
+        (n < context_length, f"prompt has {n} tokens; the model's context is {context_length}"),
+        (item.num_samples >= 1, f"num_samples must be >= 1, got {item.num_samples}"),
+        (p.max_tokens >= 0, f"sampling_params.max_tokens must be >= 0, got {p.max_tokens}"),
+        (
+            math.isfinite(p.temperature) and p.temperature >= 0,
+            f"sampling_params.temperature must be >= 0, got {p.temperature}",
+        ),
+        (p.top_k == -1 or p.top_k >= 1, f"sampling_params.top_k must be -1 or >= 1, got {p.top_k}"),
+        (0 < p.top_p <= 1, f"sampling_params.top_p must be in (0, 1], got {p.top_p}"),
+        (
+            item.topk_prompt_logprobs >= 0,
+            f"topk_prompt_logprobs must be >= 0, got {item.topk_prompt_logprobs}",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
 
 
 def choose_token(
@@ -68,7 +105,8 @@ def choose_token(
         kth = torch.topk(logp, params.top_k).values[-1]
         filtered = filtered.masked_fill(filtered < kth, float("-inf"))
     if params.top_p < 1.0:
-        sorted_lp, order = torch.sort(filtered, descending=True)
+        # Nucleus of the top-k-renormalized distribution (as HF and vLLM).
+        sorted_lp, order = torch.sort(torch.log_softmax(filtered, -1), descending=True)
         cum = torch.cumsum(torch.exp(sorted_lp), 0)
         drop = (cum - torch.exp(sorted_lp)) >= params.top_p  # mass before this token
         drop[0] = False
@@ -131,7 +169,7 @@ def sample(
             gen.manual_seed(row_seed(r.params.seed, s))
             rows.append(_Row(i, r.adapter_id, r.params, gen, stop_tokens, stop_strings, limit))
             expand.append(i)
-    index = torch.tensor(expand, device=device)
+    index = torch.tensor(expand, dtype=torch.long, device=device)  # long even if empty
     cache.reorder_cache(index)
     attn = attn[index]
     logits = next_logits[index]
@@ -179,7 +217,7 @@ def sample(
             logits = unembed(lora, hidden[:, -1]).float()
 
     outputs: list[SampleOutput | None] = [None] * len(inputs)
-    for i, r in enumerate(reqs):
+    for i in range(len(reqs)):
         sequences = [
             SampledSequence(row.tokens, row.logprobs, row.stop_reason or "length")
             for row in rows
@@ -202,16 +240,23 @@ def _prompt_logprobs(
         return (empty if req.prompt_logprobs else None), (list(empty) if k > 0 else None)
     n = len(req.prompt)
     h = hidden_row[hidden_row.shape[0] - n : -1]  # positions predicting prompt[1:]
-    # The prefill routing is per row; this unembedding is for one row only.
-    with lora.route(segments_for([req.adapter_id] * h.shape[0])):
-        logp = torch.log_softmax(unembed(lora, h).float(), -1)
-    targets = torch.tensor(req.prompt[1:], device=logp.device).unsqueeze(1)
-    prompt_lp: list[float | None] | None = None
-    if req.prompt_logprobs:
-        prompt_lp = [None, *logp.gather(1, targets).squeeze(1).tolist()]
-    topk: list[list[tuple[int, float]] | None] | None = None
-    if k > 0:
-        values, idx = torch.topk(logp, min(k, logp.shape[1]), dim=-1)
-        topk = [None]
-        topk.extend(list(zip(i, v, strict=True)) for i, v in zip(idx.tolist(), values.tolist(), strict=True))
+    targets = torch.tensor(req.prompt[1:], device=h.device).unsqueeze(1)
+    prompt_lp: list[float | None] | None = [None] if req.prompt_logprobs else None
+    topk: list[list[tuple[int, float]] | None] | None = [None] if k > 0 else None
+    # Chunks of positions, so a long prompt never needs a full (length x vocab) float32 table.
+    for start in range(0, h.shape[0], PROMPT_CHUNK):
+        hc = h[start : start + PROMPT_CHUNK]
+        # The prefill routing is per row; this unembedding is for one row only.
+        with lora.route(segments_for([req.adapter_id] * hc.shape[0])):
+            logp = torch.log_softmax(unembed(lora, hc).float(), -1)
+        if prompt_lp is not None:
+            prompt_lp.extend(
+                logp.gather(1, targets[start : start + PROMPT_CHUNK]).squeeze(1).tolist()
+            )
+        if topk is not None:
+            values, idx = torch.topk(logp, min(k, logp.shape[1]), dim=-1)
+            topk.extend(
+                list(zip(i, v, strict=True))
+                for i, v in zip(idx.tolist(), values.tolist(), strict=True)
+            )
     return prompt_lp, topk

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tinkerd.model.losses import LossInputError, get_loss
 from tinkerd.model.lora import MultiLoraModel, segments_for
+from tinkerd.model.losses import LossInputError, get_loss
 from tinkerd.model.types import Datum, ForwardBackwardInput, ForwardBackwardOutput
 
 
@@ -108,9 +108,14 @@ def target_logprobs(
     targets = [_targets_2d(r.datum_ref).to(device) for r in rows]
     k_max = max(t.shape[1] for t in targets)
     # (total tokens, K): rows with fewer target columns are padded with their first column.
-    flat_targets = torch.cat([t.expand(-1, k_max) if t.shape[1] == 1 else
-                              torch.cat([t, t[:, :1].expand(-1, k_max - t.shape[1])], 1)
-                              for t in targets])
+    flat_targets = torch.cat(
+        [
+            t.expand(-1, k_max)
+            if t.shape[1] == 1
+            else torch.cat([t, t[:, :1].expand(-1, k_max - t.shape[1])], 1)
+            for t in targets
+        ]
+    )
     pieces = []
     with lora.route(segments_for(token_adapters)):
         for start in range(0, packed.shape[0], chunk_tokens):

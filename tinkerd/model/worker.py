@@ -12,9 +12,14 @@ import torch
 from tinkerd.model.loading import BaseModel, BaseModelInfo
 from tinkerd.model.lora import Adapter, LoraConfig, MultiLoraModel
 from tinkerd.model.optimizer import AdamParams, AdapterOptimizer, OptimStepResult
-from tinkerd.model.sampling import sample
+from tinkerd.model.sampling import sample, validate_sample_input
 from tinkerd.model.training import forward_backward, validate_input
-from tinkerd.model.types import ForwardBackwardInput, ForwardBackwardOutput, SampleInput, SampleOutput
+from tinkerd.model.types import (
+    ForwardBackwardInput,
+    ForwardBackwardOutput,
+    SampleInput,
+    SampleOutput,
+)
 
 
 class UnknownAdapterError(KeyError):
@@ -94,7 +99,16 @@ class ModelWorker:
         for p in self._adapter(adapter_id).parameters():
             p.grad = None
 
+    def validate_sample(self, item: SampleInput) -> None:
+        """Raise ValueError for a sample request that can never run."""
+        if item.adapter_id is not None:
+            self._adapter(item.adapter_id)
+        validate_sample_input(item, self.info.vocab_size, self.info.context_length)
+
     def sample(self, inputs: list[SampleInput]) -> list[SampleOutput]:
+        """Generate for every input in one batch; inputs must be validated first."""
+        if not inputs:
+            return []
         for item in inputs:
             if item.adapter_id is not None:
                 self._adapter(item.adapter_id)

@@ -1,0 +1,587 @@
+"""Sampling on the tiny random-init Llama (fp32, real model code, no mocks).
+
+References are computed here from first principles: the HF model run on the whole sequence
+(no KV cache, no padding, batch of one) and the training forward pass. Adapters get random
+non-zero B matrices so that LoRA actually changes the logits.
+"""
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from tinkerd.model.loading import load_base_model
+from tinkerd.model.lora import LoraConfig, segments_for
+from tinkerd.model.optimizer import AdamParams
+from tinkerd.model.sampling import choose_token
+from tinkerd.model.types import (
+    Datum,
+    ForwardBackwardInput,
+    SampledSequence,
+    SampleInput,
+    SampleOutput,
+    SamplingParams,
+)
+from tinkerd.model.worker import ModelWorker
+
+EOS_PROMPT = "Q: "
+EOS_ANSWER = " hello world"
+NEVER = ()  # stop=(): never stop before max_tokens, not even at EOS
+
+
+def _randomize(worker: ModelWorker, adapter_id: str, seed: int, scale: float = 0.05) -> None:
+    """Give an adapter random non-zero B (A keeps its seeded init)."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {
+        name: (
+            torch.randn(p.shape, generator=gen) * scale
+            if name.endswith("lora_B.weight")
+            else p.detach().clone()
+        )
+        for name, p in worker.lora.adapters[adapter_id].params.items()
+    }
+    worker.lora.load_weights(adapter_id, tensors)
+
+
+def _train_eos_adapter(worker: ModelWorker, adapter_id: str) -> None:
+    """Fit an adapter so that greedy decoding after EOS_PROMPT says EOS_ANSWER then EOS."""
+    tok = worker.base.tokenizer
+    eos = worker.info.eos_token_ids[0]
+    seq = [*tok.encode(EOS_PROMPT), *tok.encode(EOS_ANSWER), eos]
+    datum = Datum(
+        seq[:-1], {"target_tokens": torch.tensor(seq[1:]), "weights": torch.ones(len(seq) - 1)}
+    )
+    worker.add_adapter(adapter_id, LoraConfig(rank=8, seed=3))
+    for _ in range(40):
+        worker.forward_backward([ForwardBackwardInput(adapter_id, [datum])])
+        worker.optim_step(adapter_id, AdamParams(learning_rate=1e-2))
+        worker.zero_grad(adapter_id)
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelWorker]:
+    """One fp32 tiny model with adapters "a", "b" (random) and "eos" (trained to stop)."""
+    base = load_base_model(str(tiny_model_dir), data_dir=tmp_path_factory.mktemp("data"))
+    w = ModelWorker(base)
+    w.add_adapter("a", LoraConfig(rank=4, seed=1))
+    _randomize(w, "a", seed=11)
+    w.add_adapter("b", LoraConfig(rank=8, seed=2))
+    _randomize(w, "b", seed=12)
+    _train_eos_adapter(w, "eos")
+    yield w
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    """A prompt of n random byte tokens."""
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@torch.no_grad()
+def _full_logits(worker: ModelWorker, adapter_id: str | None, tokens: list[int]) -> torch.Tensor:
+    """(len(tokens), V) float32 logits: the HF model on the whole sequence, no cache."""
+    ids = torch.tensor([tokens])
+    with worker.lora.route(segments_for([adapter_id])):
+        out = worker.lora.model(input_ids=ids, use_cache=False)
+    return out.logits[0].float()
+
+
+def _greedy_reference(
+    worker: ModelWorker, adapter_id: str | None, prompt: list[int], n: int
+) -> tuple[list[int], list[float]]:
+    """Greedy decoding recomputing the whole sequence each step; temperature-1 logprobs."""
+    tokens = list(prompt)
+    out, lps = [], []
+    for _ in range(n):
+        logits = _full_logits(worker, adapter_id, tokens)[-1]
+        token = int(torch.argmax(logits))
+        out.append(token)
+        lps.append(float(torch.log_softmax(logits, -1)[token]))
+        tokens.append(token)
+    return out, lps
+
+
+def _forward_logprobs(
+    worker: ModelWorker, adapter_id: str | None, prompt: list[int], completion: list[int]
+) -> torch.Tensor:
+    """Training forward pass target logprobs of prompt[1:] + completion (forward only)."""
+    seq = [*prompt, *completion]
+    datum = Datum(
+        seq[:-1], {"target_tokens": torch.tensor(seq[1:]), "weights": torch.ones(len(seq) - 1)}
+    )
+    item = ForwardBackwardInput(adapter_id, [datum], "cross_entropy", forward_only=True)
+    return worker.forward_backward([item])[0].loss_fn_outputs[0]["logprobs"]
+
+
+def _one(worker: ModelWorker, item: SampleInput) -> SampledSequence:
+    (out,) = worker.sample([item])
+    assert len(out.sequences) == 1
+    return out.sequences[0]
+
+
+def _completion_logits(
+    worker: ModelWorker, adapter_id: str | None, prompt: list[int], tokens: list[int]
+) -> torch.Tensor:
+    """(len(tokens), V) logits of the positions that predicted each completion token."""
+    logits = _full_logits(worker, adapter_id, [*prompt, *tokens])
+    return logits[len(prompt) - 1 : len(prompt) - 1 + len(tokens)]
+
+
+# ------------------------------------------------------------------------------------------
+# Greedy with the KV cache == greedy recomputing everything
+
+
+@pytest.mark.parametrize(
+    "adapters",
+    [
+        [None, None, None, None],
+        ["a", "a", "a", "a"],
+        ["b", None, "a", "b", None, "a"],
+    ],
+    ids=["base", "one-adapter", "mixed"],
+)
+def test_greedy_kv_cache_matches_full_recompute(
+    worker: ModelWorker, adapters: list[str | None]
+) -> None:
+    """Left-padded batched KV-cache decoding gives the same greedy tokens (and T=1 logprobs)
+    as recomputing the whole sequence, per adapter, also when rows leave the batch early."""
+    lengths = [3, 11, 1, 7, 5, 9]
+    budgets = [10, 4, 8, 1, 10, 6]  # different max_tokens: rows leave at different steps
+    inputs = [
+        SampleInput(ad, _prompt(lengths[i], seed=i), SamplingParams(budgets[i], 0.0, stop=NEVER))
+        for i, ad in enumerate(adapters)
+    ]
+    outputs = worker.sample(inputs)
+    assert len(outputs) == len(inputs)
+    for item, out in zip(inputs, outputs, strict=True):
+        (seq,) = out.sequences
+        ref_tokens, ref_lps = _greedy_reference(
+            worker, item.adapter_id, item.prompt, item.params.max_tokens
+        )
+        assert seq.tokens == ref_tokens
+        assert seq.stop_reason == "length"
+        torch.testing.assert_close(
+            torch.tensor(seq.logprobs), torch.tensor(ref_lps), atol=1e-4, rtol=0
+        )
+
+
+def test_adapters_change_greedy_output(worker: ModelWorker) -> None:
+    """Sanity for the tests above: the random adapters really change what is generated."""
+    prompt = _prompt(6, seed=99)
+    params = SamplingParams(12, 0.0, stop=NEVER)
+    outs = worker.sample([SampleInput(ad, prompt, params) for ad in (None, "a", "b")])
+    tokens = [o.sequences[0].tokens for o in outs]
+    assert tokens[0] != tokens[1] and tokens[0] != tokens[2] and tokens[1] != tokens[2]
+
+
+# ------------------------------------------------------------------------------------------
+# Logprob semantics
+
+
+def test_sampled_logprobs_match_training_forward(worker: ModelWorker) -> None:
+    """At temperature 1 the sampled tokens' logprobs equal the training forward pass's target
+    logprobs for the same tokens and adapter (mixed adapters in one sampling batch)."""
+    adapters = [None, "a", "b", "a"]
+    inputs = [
+        SampleInput(ad, _prompt(4 + 3 * i, seed=20 + i), SamplingParams(12, 1.0, seed=i))
+        for i, ad in enumerate(adapters)
+    ]
+    outputs = worker.sample(inputs)
+    for item, out in zip(inputs, outputs, strict=True):
+        (seq,) = out.sequences
+        assert len(seq.tokens) == len(seq.logprobs) > 0
+        lp = _forward_logprobs(worker, item.adapter_id, item.prompt, seq.tokens)
+        sampled = lp[len(item.prompt) - 1 :]
+        torch.testing.assert_close(torch.tensor(seq.logprobs), sampled, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.7])
+@pytest.mark.parametrize("adapter_id", [None, "a"])
+def test_logprobs_are_temperature_scaled(
+    worker: ModelWorker, temperature: float, adapter_id: str | None
+) -> None:
+    """At temperature T != 1, each sampled logprob is log_softmax(logits / T)[token]."""
+    prompt = _prompt(5, seed=31)
+    params = SamplingParams(10, temperature, seed=7, stop=NEVER)
+    (out,) = worker.sample([SampleInput(adapter_id, prompt, params, num_samples=3)])
+    for seq in out.sequences:
+        logits = _completion_logits(worker, adapter_id, prompt, seq.tokens)
+        expected = torch.log_softmax(logits / temperature, -1)
+        expected = expected.gather(1, torch.tensor(seq.tokens).unsqueeze(1)).squeeze(1)
+        torch.testing.assert_close(torch.tensor(seq.logprobs), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(10, 1.0, top_k=1, seed=1, stop=NEVER),
+        SamplingParams(10, 1.0, top_p=1e-6, seed=2, stop=NEVER),
+        SamplingParams(10, 1.3, top_k=1, top_p=0.9, seed=3, stop=NEVER),
+    ],
+    ids=["top_k=1", "top_p=tiny", "top_k=1,T=1.3"],
+)
+def test_degenerate_truncation_is_greedy(worker: ModelWorker, params: SamplingParams) -> None:
+    """top_k=1 or a tiny top_p draws the greedy tokens, and the reported logprobs are the
+    untruncated log_softmax(logits / T) values (not 0, as a truncated distribution would give)."""
+    prompt = _prompt(6, seed=41)
+    (out,) = worker.sample([SampleInput("a", prompt, params, num_samples=3)])
+    greedy, _ = _greedy_reference(worker, "a", prompt, params.max_tokens)
+    logits = _completion_logits(worker, "a", prompt, greedy)
+    expected = torch.log_softmax(logits / params.temperature, -1)
+    expected = expected.gather(1, torch.tensor(greedy).unsqueeze(1)).squeeze(1)
+    assert (expected < -1e-3).all()  # so "untruncated" is distinguishable from 0
+    for seq in out.sequences:
+        assert seq.tokens == greedy
+        torch.testing.assert_close(torch.tensor(seq.logprobs), expected, atol=1e-4, rtol=0)
+
+
+def test_top_k_restricts_draws_but_not_logprobs(worker: ModelWorker) -> None:
+    """With top_k=3 every drawn token is among the 3 most likely, yet its reported logprob is
+    from the full temperature-scaled distribution; without top_k, draws leave the top 3."""
+    prompt = _prompt(4, seed=51)
+    k, t = 3, 1.5
+    restricted = SamplingParams(12, t, top_k=k, seed=5, stop=NEVER)
+    free = SamplingParams(12, t, seed=5, stop=NEVER)
+    out_k, out_free = worker.sample(
+        [SampleInput(None, prompt, restricted, 8), SampleInput(None, prompt, free, 8)]
+    )
+    outside = 0
+    for seq_k, seq_free in zip(out_k.sequences, out_free.sequences, strict=True):
+        logits = _completion_logits(worker, None, prompt, seq_k.tokens)
+        top = torch.topk(logits, k, dim=-1).indices
+        tokens = torch.tensor(seq_k.tokens).unsqueeze(1)
+        assert (top == tokens).any(dim=1).all()
+        expected = torch.log_softmax(logits / t, -1).gather(1, tokens).squeeze(1)
+        torch.testing.assert_close(torch.tensor(seq_k.logprobs), expected, atol=1e-4, rtol=0)
+        free_logits = _completion_logits(worker, None, prompt, seq_free.tokens)
+        free_top = torch.topk(free_logits, k, dim=-1).indices
+        outside += int((~(free_top == torch.tensor(seq_free.tokens).unsqueeze(1)).any(1)).sum())
+    assert outside > 0  # the flat random model draws outside the top 3 when unrestricted
+
+
+def test_top_p_restricts_draws_to_nucleus(worker: ModelWorker) -> None:
+    """With top_p=0.3 each drawn token is in the nucleus: the probability mass of the tokens
+    strictly more likely than it is below 0.3; its logprob is still the full distribution's."""
+    prompt = _prompt(4, seed=61)
+    top_p = 0.3
+    params = SamplingParams(12, 1.0, top_p=top_p, seed=9, stop=NEVER)
+    (out,) = worker.sample([SampleInput("b", prompt, params, num_samples=6)])
+    for seq in out.sequences:
+        logits = _completion_logits(worker, "b", prompt, seq.tokens)
+        probs = torch.softmax(logits, -1)
+        tokens = torch.tensor(seq.tokens).unsqueeze(1)
+        p_tok = probs.gather(1, tokens)
+        mass_before = (probs * (probs > p_tok)).sum(-1)
+        assert (mass_before < top_p + 1e-5).all()
+        expected = torch.log(p_tok).squeeze(1)
+        torch.testing.assert_close(torch.tensor(seq.logprobs), expected, atol=1e-4, rtol=0)
+
+
+def _draws(logits: torch.Tensor, params: SamplingParams, n: int = 400) -> tuple[set[int], float]:
+    """The set of tokens drawn in n draws from `logits`, and the logprob reported for token 0."""
+    gen = torch.Generator().manual_seed(0)
+    seen: set[int] = set()
+    lp0 = float("nan")
+    for _ in range(n):
+        token, lp = choose_token(logits, params, gen)
+        seen.add(token)
+        if token == 0:
+            lp0 = lp
+    return seen, lp0
+
+
+def test_top_p_nucleus_on_known_distribution() -> None:
+    """top_p keeps the smallest set of most likely tokens whose mass reaches top_p."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    seen, lp0 = _draws(torch.log(probs), SamplingParams(1, 1.0, top_p=0.75))
+    assert seen == {0, 1}
+    assert lp0 == pytest.approx(float(torch.log(probs[0])), abs=1e-6)
+
+
+def test_top_p_applies_to_top_k_renormalized() -> None:
+    """With both top_k and top_p, the nucleus is taken over the top-k tokens' renormalized
+    distribution (as HF and vLLM do): top_k=2 of (0.3, 0.2, ...) is (0.6, 0.4), so top_p=0.55
+    keeps only the first token. The reported logprob stays the untruncated log(0.3)."""
+    probs = torch.tensor([0.3, 0.2, *([0.05] * 10)])
+    seen, lp0 = _draws(torch.log(probs), SamplingParams(1, 1.0, top_k=2, top_p=0.55))
+    assert seen == {0}
+    assert lp0 == pytest.approx(float(torch.log(probs[0])), abs=1e-6)
+    seen, _ = _draws(torch.log(probs), SamplingParams(1, 1.0, top_k=2, top_p=0.65))
+    assert seen == {0, 1}
+
+
+# ------------------------------------------------------------------------------------------
+# Seeds and num_samples
+
+
+def test_seed_reproducible_alone_and_batched(worker: ModelWorker) -> None:
+    """Same request + seed gives the same tokens whether sampled alone or batched with other
+    requests (other lengths, adapters, params); another seed gives different tokens."""
+    prompt = _prompt(5, seed=71)
+    item = SampleInput("a", prompt, SamplingParams(16, 1.0, seed=1234, stop=NEVER))
+    alone = _one(worker, item)
+    others = [
+        SampleInput(None, _prompt(9, seed=72), SamplingParams(5, 0.8, seed=1, stop=NEVER)),
+        SampleInput("b", _prompt(2, seed=73), SamplingParams(20, 1.0, stop=NEVER), 2),
+    ]
+    batched = worker.sample([others[0], item, others[1]])[1].sequences[0]
+    again = _one(worker, item)
+    assert batched.tokens == alone.tokens == again.tokens
+    torch.testing.assert_close(
+        torch.tensor(batched.logprobs), torch.tensor(alone.logprobs), atol=1e-4, rtol=0
+    )
+    other_seed = SampleInput("a", prompt, SamplingParams(16, 1.0, seed=4321, stop=NEVER))
+    assert _one(worker, other_seed).tokens != alone.tokens
+
+
+def test_large_seed_accepted(worker: ModelWorker) -> None:
+    """Any 64-bit seed value works and is reproducible (the protocol allows up to 2**64-1)."""
+    params = SamplingParams(8, 1.0, seed=2**64 - 1, stop=NEVER)
+    item = SampleInput(None, _prompt(3, seed=74), params)
+    assert _one(worker, item).tokens == _one(worker, item).tokens
+
+
+def test_no_seed_is_random(worker: ModelWorker) -> None:
+    """Without a seed two identical requests (almost surely) sample different tokens."""
+    item = SampleInput(None, _prompt(3, seed=75), SamplingParams(16, 1.0, stop=NEVER))
+    assert _one(worker, item).tokens != _one(worker, item).tokens
+
+
+def test_num_samples_gives_distinct_sequences(worker: ModelWorker) -> None:
+    """num_samples=N returns N sequences, which differ from each other, and the same N again
+    with the same seed."""
+    item = SampleInput("b", _prompt(6, seed=76), SamplingParams(12, 1.0, seed=3, stop=NEVER), 5)
+    (out,) = worker.sample([item])
+    assert len(out.sequences) == 5
+    tokens = [tuple(s.tokens) for s in out.sequences]
+    assert len(set(tokens)) == 5
+    assert all(
+        len(t) == 12 and s.stop_reason == "length"
+        for t, s in zip(tokens, out.sequences, strict=True)
+    )
+    (again,) = worker.sample([item])
+    assert [tuple(s.tokens) for s in again.sequences] == tokens
+
+
+# ------------------------------------------------------------------------------------------
+# Stopping
+
+
+def _eos_prompt(worker: ModelWorker) -> list[int]:
+    return worker.base.tokenizer.encode(EOS_PROMPT)
+
+
+def test_trained_adapter_answers_then_eos(worker: ModelWorker) -> None:
+    """stop=None stops at EOS: the tokens end with EOS and stop_reason is "stop"."""
+    tok = worker.base.tokenizer
+    eos = worker.info.eos_token_ids[0]
+    seq = _one(worker, SampleInput("eos", _eos_prompt(worker), SamplingParams(30, 0.0)))
+    assert seq.tokens == [*tok.encode(EOS_ANSWER), eos]
+    assert seq.stop_reason == "stop"
+    assert len(seq.logprobs) == len(seq.tokens)
+
+
+def test_empty_stop_ignores_eos(worker: ModelWorker) -> None:
+    """stop=() never stops early: generation runs through EOS to max_tokens ("length")."""
+    tok = worker.base.tokenizer
+    eos = worker.info.eos_token_ids[0]
+    answer = tok.encode(EOS_ANSWER)
+    n = len(answer) + 6
+    seq = _one(worker, SampleInput("eos", _eos_prompt(worker), SamplingParams(n, 0.0, stop=())))
+    assert len(seq.tokens) == len(seq.logprobs) == n
+    assert seq.tokens[: len(answer) + 1] == [*answer, eos]
+    assert seq.stop_reason == "length"
+
+
+def test_eos_sampled_at_temperature_one(worker: ModelWorker) -> None:
+    """EOS also stops random sampling (stop=None); its logprob is reported like any token."""
+    eos = worker.info.eos_token_ids[0]
+    params = SamplingParams(60, 1.0, seed=0)
+    (out,) = worker.sample([SampleInput("eos", _eos_prompt(worker), params, num_samples=4)])
+    stopped = [s for s in out.sequences if s.stop_reason == "stop"]
+    assert stopped, "the trained adapter should reach EOS"
+    for s in stopped:
+        assert s.tokens[-1] == eos and eos not in s.tokens[:-1]
+    for s in out.sequences:
+        if s.stop_reason == "length":
+            assert len(s.tokens) == 60 and eos not in s.tokens
+
+
+def test_stop_token_ids(worker: ModelWorker) -> None:
+    """A stop token id ends generation right after its first occurrence, inclusive."""
+    prompt = _prompt(5, seed=81)
+    greedy = _one(worker, SampleInput(None, prompt, SamplingParams(16, 0.0, stop=NEVER))).tokens
+    stop_tok = greedy[5]
+    cut = greedy.index(stop_tok) + 1
+    never = next(t for t in range(256) if t not in greedy)
+    seq = _one(worker, SampleInput(None, prompt, SamplingParams(16, 0.0, stop=(never, stop_tok))))
+    assert seq.tokens == greedy[:cut]
+    assert seq.stop_reason == "stop"
+    seq = _one(worker, SampleInput(None, prompt, SamplingParams(16, 0.0, stop=(never,))))
+    assert seq.tokens == greedy
+    assert seq.stop_reason == "length"
+
+
+@pytest.mark.parametrize(
+    ("stop", "expected_text"),
+    [
+        (("lo w",), " hello w"),  # spans several tokens
+        (("zzz", "wor", "l"), " hel"),  # first string to appear wins
+        (("world",), " hello world"),
+    ],
+)
+def test_stop_strings(worker: ModelWorker, stop: tuple[str, ...], expected_text: str) -> None:
+    """A stop string ends generation as soon as the decoded output contains it; the tokens
+    include it, so the decoded text ends with it."""
+    tok = worker.base.tokenizer
+    seq = _one(worker, SampleInput("eos", _eos_prompt(worker), SamplingParams(30, 0.0, stop=stop)))
+    text = tok.decode(seq.tokens)
+    assert text == expected_text
+    assert any(text.endswith(s) for s in stop)
+    assert seq.stop_reason == "stop"
+    assert len(seq.logprobs) == len(seq.tokens)
+
+
+def test_stop_string_absent_runs_to_length(worker: ModelWorker) -> None:
+    """A stop string that never appears lets generation run to max_tokens."""
+    prompt = _prompt(4, seed=82)
+    seq = _one(worker, SampleInput(None, prompt, SamplingParams(9, 0.0, stop=("\x00\x01\x02",))))
+    assert len(seq.tokens) == 9
+    assert seq.stop_reason == "length"
+
+
+def test_max_tokens_respected(worker: ModelWorker) -> None:
+    """Each request gets at most its own max_tokens, in one batch; max_tokens=0 gives an
+    empty "length" sequence."""
+    budgets = [0, 1, 2, 7]
+    inputs = [
+        SampleInput("a", _prompt(3 + i, seed=90 + i), SamplingParams(n, 1.0, seed=i, stop=NEVER))
+        for i, n in enumerate(budgets)
+    ]
+    outputs = worker.sample(inputs)
+    for n, out in zip(budgets, outputs, strict=True):
+        (seq,) = out.sequences
+        assert len(seq.tokens) == len(seq.logprobs) == n
+        assert seq.stop_reason == "length"
+
+
+def test_num_samples_zero(worker: ModelWorker) -> None:
+    """num_samples=0 gives no sequences (alone, and next to a normal request)."""
+    params = SamplingParams(3, 0.0, stop=NEVER)
+    (alone,) = worker.sample([SampleInput(None, [1, 2], params, num_samples=0)])
+    assert alone.sequences == []
+    empty, full = worker.sample(
+        [SampleInput("a", [1, 2], params, num_samples=0), SampleInput(None, [3, 4, 5], params)]
+    )
+    assert empty.sequences == []
+    assert len(full.sequences[0].tokens) == 3
+
+
+def test_context_length_caps_generation(worker: ModelWorker) -> None:
+    """A prompt near the context length generates only up to the context ("length")."""
+    ctx = worker.info.context_length
+    prompt = _prompt(ctx - 3, seed=95)
+    seq = _one(worker, SampleInput(None, prompt, SamplingParams(10, 0.0, stop=NEVER)))
+    assert len(seq.tokens) == 3
+    assert seq.stop_reason == "length"
+
+
+# ------------------------------------------------------------------------------------------
+# Prompt logprobs
+
+
+def test_prompt_logprobs_and_topk(worker: ModelWorker) -> None:
+    """prompt_logprobs has len(prompt) entries, None first, equal to the training forward
+    pass's target logprobs; topk_prompt_logprobs has K (id, logprob) entries per position,
+    sorted descending, matching the full distribution's top K, None first."""
+    k = 5
+    adapters = ["b", None, "a"]
+    inputs = [
+        SampleInput(
+            ad,
+            _prompt(4 + 5 * i, seed=100 + i),
+            SamplingParams(3, 1.0, seed=i),
+            prompt_logprobs=True,
+            topk_prompt_logprobs=k,
+        )
+        for i, ad in enumerate(adapters)
+    ]
+    outputs: list[SampleOutput] = worker.sample(inputs)
+    for item, out in zip(inputs, outputs, strict=True):
+        n = len(item.prompt)
+        assert out.prompt_logprobs is not None and out.topk_prompt_logprobs is not None
+        assert len(out.prompt_logprobs) == len(out.topk_prompt_logprobs) == n
+        assert out.prompt_logprobs[0] is None and out.topk_prompt_logprobs[0] is None
+        expected = _forward_logprobs(worker, item.adapter_id, item.prompt[:-1], item.prompt[-1:])
+        got = torch.tensor(out.prompt_logprobs[1:])
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+        full = torch.log_softmax(_full_logits(worker, item.adapter_id, item.prompt), -1)
+        for pos in range(1, n):
+            entries = out.topk_prompt_logprobs[pos]
+            assert entries is not None and len(entries) == k
+            ids = [t for t, _ in entries]
+            lps = [lp for _, lp in entries]
+            assert lps == sorted(lps, reverse=True)
+            assert lps[0] >= out.prompt_logprobs[pos] - 1e-6
+            ref = torch.topk(full[pos - 1], k)
+            assert ids == ref.indices.tolist()
+            torch.testing.assert_close(torch.tensor(lps), ref.values, atol=1e-4, rtol=0)
+            actual = item.prompt[pos]
+            if actual in ids:
+                assert lps[ids.index(actual)] == pytest.approx(out.prompt_logprobs[pos], abs=1e-5)
+
+
+def test_prompt_logprobs_off_and_single_token(worker: ModelWorker) -> None:
+    """Prompt logprobs are absent unless asked for; a one-token prompt gives [None]."""
+    (off,) = worker.sample([SampleInput(None, _prompt(4, seed=110), SamplingParams(2, 0.0))])
+    assert off.prompt_logprobs is None and off.topk_prompt_logprobs is None
+    item = SampleInput(
+        "a", [65], SamplingParams(2, 0.0), prompt_logprobs=True, topk_prompt_logprobs=3
+    )
+    (one,) = worker.sample([item])
+    assert one.prompt_logprobs == [None]
+    assert one.topk_prompt_logprobs == [None]
+
+
+def test_eos_stops_even_with_stop_strings(worker: ModelWorker) -> None:
+    """Stop strings or ids add to EOS (the cookbook's role_colon parser expects an
+    EOS-terminated response when its "\\n\\nUser:" stop string never appears)."""
+    eos = worker.info.eos_token_ids[0]
+    for stop in (("never appears",), (5,)):
+        seq = _one(
+            worker, SampleInput("eos", _eos_prompt(worker), SamplingParams(30, 0.0, stop=stop))
+        )
+        assert seq.tokens[-1] == eos
+        assert seq.stop_reason == "stop"
+        assert worker.base.tokenizer.decode(seq.tokens[:-1]) == EOS_ANSWER
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"prompt": []}, "prompt is empty"),
+        ({"prompt": [1, 100_000]}, "outside [0, 320)"),
+        ({"prompt": [1] * 600}, "context is 512"),
+        ({"num_samples": 0}, "num_samples"),
+        ({"params": SamplingParams(max_tokens=-1)}, "max_tokens"),
+        ({"params": SamplingParams(temperature=-0.5)}, "temperature"),
+        ({"params": SamplingParams(temperature=float("nan"))}, "temperature"),
+        ({"params": SamplingParams(top_p=0.0)}, "top_p"),
+        ({"params": SamplingParams(top_p=1.5)}, "top_p"),
+        ({"params": SamplingParams(top_k=0)}, "top_k"),
+        ({"topk_prompt_logprobs": -1}, "topk_prompt_logprobs"),
+    ],
+)
+def test_invalid_sample_inputs_are_rejected(
+    worker: ModelWorker, change: dict, message: str
+) -> None:
+    """validate_sample names the field and the problem before anything runs."""
+    fields = {"adapter_id": None, "prompt": [1, 2, 3], "params": SamplingParams(), **change}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        worker.validate_sample(SampleInput(**fields))
+
+
+def test_unknown_adapter_is_rejected(worker: ModelWorker) -> None:
+    with pytest.raises(KeyError):
+        worker.validate_sample(SampleInput("no-such-adapter", [1, 2], SamplingParams()))

@@ -1,0 +1,65 @@
+"""The `tinkerd` command line."""
+
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tinkerd.config import Settings
+
+app = typer.Typer(help="tinkerd: self-hosted server for the Tinker fine-tuning API.")
+bench_app = typer.Typer(help="Benchmarks (each prints a JSON line of figures last).")
+app.add_typer(bench_app, name="bench")
+
+DataDirOption = Annotated[
+    Path | None, typer.Option(help="Data directory [env: TINKERD_DATA_DIR]", show_default=False)
+]
+
+
+def _settings(**overrides: object) -> Settings:
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+@app.command()
+def serve() -> None:
+    """Run the Tinker-compatible HTTP server (arrives with the api/ layer)."""
+    typer.echo("tinkerd serve: the HTTP server is not part of this build yet.", err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command("prepare-model")
+def prepare_model(
+    model: Annotated[list[str] | None, typer.Option(help="Model name or path (repeatable)")] = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Load each served model once (converting the embedded model) and print its facts."""
+    from tinkerd.model.loading import load_base_model
+
+    settings = _settings(data_dir=data_dir, models=model)
+    for name in settings.models:
+        base = load_base_model(
+            name, data_dir=settings.data_dir, dtype=settings.dtype, device=settings.device
+        )
+        typer.echo(json.dumps(base.info.__dict__))
+
+
+@bench_app.command("engine")
+def bench_engine(
+    model: Annotated[str | None, typer.Option(help="Model name or path")] = None,
+    data_dir: DataDirOption = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    threads: Annotated[int, typer.Option(help="torch threads")] = 2,
+    steps: Annotated[int, typer.Option(help="timed repetitions (best is kept)")] = 3,
+) -> None:
+    """Training step vs peft, mixed-adapter batch vs per-adapter batches, sampling vs HF."""
+    from tinkerd.bench.engine import EngineBenchConfig, run
+
+    settings = _settings(data_dir=data_dir)
+    known = {f.name for f in fields(EngineBenchConfig)}
+    args = {"data_dir": settings.data_dir, "device": device, "threads": threads, "steps": steps}
+    if model:
+        args["model"] = model
+    results = run(EngineBenchConfig(**{k: v for k, v in args.items() if k in known}))
+    typer.echo(json.dumps(results))
