@@ -52,13 +52,22 @@ def bench_engine(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     threads: Annotated[int, typer.Option(help="torch threads")] = 2,
     steps: Annotated[int, typer.Option(help="timed repetitions (best is kept)")] = 3,
+    random_weights: Annotated[
+        bool, typer.Option(help="random weights with the model dir's architecture")
+    ] = False,
 ) -> None:
     """Training step vs peft, mixed-adapter batch vs per-adapter batches, sampling vs HF."""
     from tinkerd.bench.engine import EngineBenchConfig, run
 
     settings = _settings(data_dir=data_dir)
     known = {f.name for f in fields(EngineBenchConfig)}
-    args = {"data_dir": settings.data_dir, "device": device, "threads": threads, "steps": steps}
+    args = {
+        "data_dir": settings.data_dir,
+        "device": device,
+        "threads": threads,
+        "steps": steps,
+        "random_weights": random_weights,
+    }
     if model:
         args["model"] = model
     results = run(EngineBenchConfig(**{k: v for k, v in args.items() if k in known}))

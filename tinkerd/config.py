@@ -7,7 +7,7 @@ import platformdirs
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+from tinkerd.constants import EMBEDDED_MODEL
 
 
 def default_data_dir() -> Path:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tinkerd.config import EMBEDDED_MODEL
+from tinkerd.constants import EMBEDDED_MODEL
 from tinkerd.model.loading import load_base_model
 from tinkerd.model.lora import LoraConfig
 from tinkerd.model.optimizer import AdamParams
@@ -38,6 +38,7 @@ class EngineBenchConfig:
     tenant_tokens: int = 128
     sample_prompts: int = 8
     sample_tokens: int = 64
+    random_weights: bool = False
 
 
 def _sync(device: str) -> None:
@@ -225,10 +226,24 @@ def bench_sampling(cfg: EngineBenchConfig, worker: ModelWorker) -> dict:
     }
 
 
+def random_weights_copy(model_dir: Path, target: Path) -> Path:
+    """The same architecture with random weights: for machines the real weights can't reach.
+    Throughput does not depend on weight values (sampling runs a fixed number of tokens)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(model_dir)
+    AutoModelForCausalLM.from_config(config).save_pretrained(target)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(target)
+    return target
+
+
 def run(cfg: EngineBenchConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(0)
-    base = load_base_model(cfg.model, data_dir=cfg.data_dir, device=cfg.device)
+    model = cfg.model
+    if cfg.random_weights:
+        model = str(random_weights_copy(Path(cfg.model), cfg.data_dir / "random-weights-model"))
+    base = load_base_model(model, data_dir=cfg.data_dir, device=cfg.device)
     worker = ModelWorker(base, autocast_dtype=torch.bfloat16)
     gen = torch.Generator().manual_seed(0)
     seqs = random_batch(gen, cfg.batch, cfg.seq_len, base.info.vocab_size)
@@ -241,6 +256,7 @@ def run(cfg: EngineBenchConfig) -> dict:
         "dtype": "bf16 autocast",
         "batch": f"{cfg.batch}x{cfg.seq_len}",
         "lora_rank": cfg.rank,
+        "weights": "random init (same architecture)" if cfg.random_weights else "real",
     }
     print(f"training step: {cfg.batch}x{cfg.seq_len} tokens, LoRA r{cfg.rank}", flush=True)
     results.update(bench_training(cfg, worker, seqs))

@@ -158,7 +158,10 @@ class MultiLoraModel:
         if adapter_id in self.adapters:
             raise ValueError(f"adapter {adapter_id!r} already exists")
         gen = torch.Generator(device="cpu")
-        gen.manual_seed(config.seed if config.seed is not None else torch.seed())
+        if config.seed is not None:
+            gen.manual_seed(config.seed)
+        else:
+            gen.seed()  # fresh entropy, without reseeding torch's global RNG
         params: dict[str, nn.Parameter] = {}
         for path in self.target_paths(config):
             layer = self.layers[path]

@@ -34,7 +34,7 @@ def importance_sampling(
     return -(ratio * inputs["advantages"])
 
 
-def _clip_bounds(config: Mapping[str, float]) -> tuple[float, float]:
+def clip_bounds(config: Mapping[str, float]) -> tuple[float, float]:
     low = float(config.get("clip_low_threshold", 0.8))
     high = float(config.get("clip_high_threshold", 1.2))
     if not (0.0 <= low <= high):
@@ -47,7 +47,7 @@ def _clip_bounds(config: Mapping[str, float]) -> tuple[float, float]:
 def ppo(
     lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], config: Mapping[str, float]
 ) -> torch.Tensor:
-    low, high = _clip_bounds(config)
+    low, high = clip_bounds(config)
     adv = inputs["advantages"]
     ratio = torch.exp(lp - inputs["logprobs"])
     return -torch.minimum(ratio * adv, ratio.clamp(low, high) * adv)
@@ -56,7 +56,7 @@ def ppo(
 def cispo(
     lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], config: Mapping[str, float]
 ) -> torch.Tensor:
-    low, high = _clip_bounds(config)
+    low, high = clip_bounds(config)
     ratio = torch.exp(lp - inputs["logprobs"]).clamp(low, high).detach()
     return -(ratio * lp * inputs["advantages"])
 
@@ -76,7 +76,7 @@ def gspo(
 ) -> torch.Tensor:
     """PPO-style clipping on the sequence-level ratio exp(mean over mask of (lp - q)), with the
     token-level gradient of GSPO-token: s_t = exp(sg[mean(lp - q)] + lp_t - sg[lp_t])."""
-    low, high = _clip_bounds(config)
+    low, high = clip_bounds(config)
     mask = inputs["sequence_ratio_mask"]
     adv = inputs["advantages"]
     n = mask.sum()

@@ -6,6 +6,7 @@ attend to the pad positions after them. Logits are computed only at real positio
 states are packed first), so padding costs body compute but no unembedding or softmax.
 """
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -13,8 +14,11 @@ import torch
 from torch import nn
 
 from tinkerd.model.lora import MultiLoraModel, segments_for
-from tinkerd.model.losses import LossInputError, get_loss
+from tinkerd.model.losses import LossInputError, clip_bounds, get_loss
 from tinkerd.model.types import Datum, ForwardBackwardInput, ForwardBackwardOutput
+
+# Inputs with one value per target token: their shape must equal target_tokens'.
+PER_TARGET_INPUTS = ("weights", "logprobs", "advantages", "sequence_ratio_mask")
 
 
 @dataclass
@@ -29,6 +33,7 @@ def validate_input(item: ForwardBackwardInput, vocab_size: int, context_length: 
     """Raise LossInputError naming the field and problem; called before batching so one bad
     request never fails the others."""
     _, required = get_loss(item.loss_fn)
+    validate_loss_config(item.loss_fn, item.loss_fn_config)
     if not item.data:
         raise LossInputError("data is empty")
     for i, datum in enumerate(item.data):
@@ -47,6 +52,11 @@ def validate_input(item: ForwardBackwardInput, vocab_size: int, context_length: 
                     f"data[{i}].loss_fn_inputs lacks {key!r} (required by {item.loss_fn})"
                 )
         for key, value in datum.loss_fn_inputs.items():
+            if value.dim() == 0 or value.dim() > 2:
+                raise LossInputError(
+                    f"data[{i}].loss_fn_inputs[{key!r}] must be 1-D or 2-D, "
+                    f"got shape {tuple(value.shape)}"
+                )
             if value.shape[0] != n:
                 raise LossInputError(
                     f"data[{i}].loss_fn_inputs[{key!r}] has length {value.shape[0]}, "
@@ -62,12 +72,24 @@ def validate_input(item: ForwardBackwardInput, vocab_size: int, context_length: 
                 raise LossInputError(
                     f"data[{i}].loss_fn_inputs['target_tokens'] has ids outside [0, {vocab_size})"
                 )
-            weights = datum.loss_fn_inputs.get("weights")
-            if weights is not None and weights.shape != targets.shape:
-                raise LossInputError(
-                    f"data[{i}]: weights shape {tuple(weights.shape)} != "
-                    f"target_tokens shape {tuple(targets.shape)}"
-                )
+            for key in PER_TARGET_INPUTS:
+                value = datum.loss_fn_inputs.get(key)
+                if value is not None and value.shape != targets.shape:
+                    raise LossInputError(
+                        f"data[{i}].loss_fn_inputs[{key!r}] has shape {tuple(value.shape)}, "
+                        f"target_tokens has {tuple(targets.shape)}"
+                    )
+
+
+def validate_loss_config(loss_fn: str, config: Mapping[str, float]) -> None:
+    """Config errors found now, not halfway through a batch shared with other tenants."""
+    for key, value in config.items():
+        if not math.isfinite(value):
+            raise LossInputError(f"loss_fn_config[{key!r}] must be finite, got {value}")
+    if loss_fn == "dro" and "beta" not in config:
+        raise LossInputError("dro needs loss_fn_config['beta']")
+    if loss_fn in ("ppo", "cispo", "gspo"):
+        clip_bounds(config)
 
 
 def unembed(lora: MultiLoraModel, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,3 @@
+"""Names shared by every layer (no imports, so importing them is free)."""
+
+EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
