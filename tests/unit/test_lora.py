@@ -401,3 +401,39 @@ def test_lora_config_validation() -> None:
         LoraConfig(rank=0)
     with pytest.raises(ValueError):
         LoraConfig(train_attn=False, train_mlp=False, train_unembed=False)
+
+
+def test_uniform_segments_use_batched_path_and_match_one_at_a_time(tiny_base: BaseModel) -> None:
+    """Adapters of one rank with equally many rows (the RL shape) take the batched-matmul
+    path; each row's logprobs and each adapter's gradients equal running its batch alone."""
+    worker = ModelWorker(tiny_base)
+    ids = ["u0", "u1", "u2", "u3"]
+    for i, aid in enumerate(ids):
+        worker.add_adapter(aid, LoraConfig(rank=8, alpha=16, seed=i))
+        randomize(worker.lora.adapters[aid], seed=200 + i)
+    rows = make_rows(tiny_base.info.vocab_size, seed=3)[: len(ids)]
+    items = [
+        ForwardBackwardInput(aid, [d], "cross_entropy") for aid, d in zip(ids, rows, strict=True)
+    ]
+    layer = next(iter(worker.lora.layers.values()))
+    routed = segments_for(ids)
+    pairs = [layer.adapters[a] for a in ids]
+    assert LoraLinear._uniform(routed, pairs)
+
+    mixed = worker.forward_backward(items)
+    mixed_grads = {
+        aid: {k: p.grad.clone() for k, p in worker.lora.adapters[aid].params.items()}
+        for aid in ids
+    }
+    for aid in ids:
+        worker.zero_grad(aid)
+    for aid, item, out in zip(ids, items, mixed, strict=True):
+        (alone,) = worker.forward_backward([item])
+        torch.testing.assert_close(
+            out.loss_fn_outputs[0]["logprobs"],
+            alone.loss_fn_outputs[0]["logprobs"],
+            atol=ATOL,
+            rtol=RTOL,
+        )
+        for k, p in worker.lora.adapters[aid].params.items():
+            torch.testing.assert_close(mixed_grads[aid][k], p.grad, atol=ATOL, rtol=RTOL)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from tinkerd.constants import EMBEDDED_MODEL
-from tinkerd.model.loading import load_base_model
+from tinkerd.model.loading import DTYPES, load_base_model
 from tinkerd.model.lora import LoraConfig
 from tinkerd.model.optimizer import AdamParams
 from tinkerd.model.types import Datum, ForwardBackwardInput, SampleInput, SamplingParams
@@ -39,6 +39,7 @@ class EngineBenchConfig:
     sample_prompts: int = 8
     sample_tokens: int = 64
     random_weights: bool = False
+    dtype: str = "bfloat16"  # storage dtype of the base weights, on both sides
 
 
 def _sync(device: str) -> None:
@@ -96,7 +97,9 @@ def bench_training(cfg: EngineBenchConfig, worker: ModelWorker, seqs: torch.Tens
 
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(worker.base.model.name_or_path, dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(
+        worker.base.model.name_or_path, dtype=DTYPES[cfg.dtype]
+    )
     hf.to(cfg.device)
     peft_model = peft.get_peft_model(
         hf,
@@ -243,7 +246,7 @@ def run(cfg: EngineBenchConfig) -> dict:
     model = cfg.model
     if cfg.random_weights:
         model = str(random_weights_copy(Path(cfg.model), cfg.data_dir / "random-weights-model"))
-    base = load_base_model(model, data_dir=cfg.data_dir, device=cfg.device)
+    base = load_base_model(model, data_dir=cfg.data_dir, device=cfg.device, dtype=cfg.dtype)
     worker = ModelWorker(base, autocast_dtype=torch.bfloat16)
     gen = torch.Generator().manual_seed(0)
     seqs = random_batch(gen, cfg.batch, cfg.seq_len, base.info.vocab_size)
@@ -253,7 +256,7 @@ def run(cfg: EngineBenchConfig) -> dict:
         if cfg.device == "cpu"
         else torch.cuda.get_device_name(torch.device(cfg.device)),
         "threads": cfg.threads,
-        "dtype": "bf16 autocast",
+        "dtype": f"{cfg.dtype} weights, bf16 autocast",
         "batch": f"{cfg.batch}x{cfg.seq_len}",
         "lora_rank": cfg.rank,
         "weights": "random init (same architecture)" if cfg.random_weights else "real",

@@ -84,19 +84,58 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        for seg in self.routing.segments:
-            pair = self.adapters.get(seg.adapter_id) if seg.adapter_id is not None else None
-            if pair is None:
-                continue
-            a, b, scaling = pair
-            xs = x[seg.start : seg.end]
-            dt = out.dtype
-            delta = F.linear(F.linear(xs.to(dt), a.to(dt)), (b * scaling).to(dt))
-            if seg.start == 0 and seg.end == out.shape[0]:
-                out = out + delta
-            else:
-                out[seg.start : seg.end] += delta
-        return out
+        segments = self.routing.segments
+        pairs = [self.adapters.get(s.adapter_id) if s.adapter_id else None for s in segments]
+        if all(p is None for p in pairs):
+            return out
+        if len(segments) == 1:
+            return out + self._delta(x, pairs[0], out.dtype)
+        if self._uniform(segments, pairs):
+            return out + self._batched_delta(x, pairs, len(segments), out.dtype)
+        # split/cat rather than slicing: the backward of a slice zero-fills a full-size
+        # gradient per segment, the backward of split is a single concatenation.
+        parts = x.split([s.end - s.start for s in segments])
+        deltas = [
+            self._delta(part, pair, out.dtype)
+            if pair is not None
+            else out.new_zeros((*part.shape[:-1], self.out_features))
+            for part, pair in zip(parts, pairs, strict=True)
+        ]
+        return out + torch.cat(deltas)
+
+    @staticmethod
+    def _uniform(
+        segments: list[Segment], pairs: list[tuple[torch.Tensor, torch.Tensor, float] | None]
+    ) -> bool:
+        """Every segment has an adapter, the same number of rows and the same rank: the
+        shape of RL batches (many tenants, one or a few rows each)."""
+        size = segments[0].end - segments[0].start
+        rank = pairs[0][0].shape[0] if pairs[0] is not None else -1
+        return all(
+            p is not None and p[0].shape[0] == rank and s.end - s.start == size
+            for s, p in zip(segments, pairs, strict=True)
+        )
+
+    @staticmethod
+    def _batched_delta(
+        x: torch.Tensor,
+        pairs: list[tuple[torch.Tensor, torch.Tensor, float]],
+        n: int,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """All segments' low-rank products as two batched matmuls instead of 2n small ones."""
+        a = torch.stack([p[0] for p in pairs]).to(dtype)  # (n, r, in)
+        b = torch.stack([p[1] * p[2] for p in pairs]).to(dtype)  # (n, out, r)
+        xs = x.to(dtype).reshape(n, -1, x.shape[-1])  # (n, rows*tokens, in)
+        delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))
+        return delta.reshape(*x.shape[:-1], b.shape[1])
+
+    @staticmethod
+    def _delta(
+        x: torch.Tensor, pair: tuple[torch.Tensor, torch.Tensor, float], dtype: torch.dtype
+    ) -> torch.Tensor:
+        a, b, scaling = pair
+        return F.linear(F.linear(x.to(dtype), a.to(dtype)), (b * scaling).to(dtype))
 
 
 @dataclass

@@ -9,6 +9,7 @@ states are packed first), so padding costs body compute but no unembedding or so
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,6 +17,9 @@ from torch import nn
 from tinkerd.model.lora import MultiLoraModel, segments_for
 from tinkerd.model.losses import LossInputError, clip_bounds, get_loss
 from tinkerd.model.types import Datum, ForwardBackwardInput, ForwardBackwardOutput
+
+# Rows of logits per block in TargetLogprobs: 16 x 49k float32 = 3 MB, about an L2/L3 slice.
+BLOCK_ROWS = 16
 
 # Inputs with one value per target token: their shape must equal target_tokens'.
 PER_TARGET_INPUTS = ("weights", "logprobs", "advantages", "sequence_ratio_mask")
@@ -139,9 +143,13 @@ def target_logprobs(
         ]
     )
     pieces = []
-    with lora.route(segments_for(token_adapters)):
-        for start in range(0, packed.shape[0], chunk_tokens):
-            pieces.append(_chunk_logprobs(lora, packed, flat_targets, start, chunk_tokens))
+    for i, (hidden_chunk, target_chunk) in enumerate(
+        zip(packed.split(chunk_tokens), flat_targets.split(chunk_tokens), strict=True)
+    ):
+        adapters = token_adapters[i * chunk_tokens : (i + 1) * chunk_tokens]
+        with lora.route(segments_for(adapters)):
+            logits = unembed(lora, hidden_chunk)
+        pieces.append(TargetLogprobs.apply(logits, target_chunk))
     out = torch.cat(pieces)
     results, offset = [], 0
     for r, t, n in zip(rows, targets, lengths, strict=True):
@@ -152,21 +160,34 @@ def target_logprobs(
     return results
 
 
-def _chunk_logprobs(
-    lora: MultiLoraModel, packed: torch.Tensor, targets: torch.Tensor, start: int, size: int
-) -> torch.Tensor:
-    # Segments index the unembedding's first dim, so shift them to this chunk.
-    segments = lora.routing.segments
-    end = min(start + size, packed.shape[0])
-    local = [
-        type(s)(s.adapter_id, max(s.start, start) - start, min(s.end, end) - start)
-        for s in segments
-        if s.end > start and s.start < end
-    ]
-    with lora.route(local):
-        logits = unembed(lora, packed[start:end]).float()
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    return logits.gather(1, targets[start:end]) - lse
+class TargetLogprobs(torch.autograd.Function):
+    """log_softmax(logits)[targets] in float32, with a lean, cache-blocked backward.
+
+    Autograd's version keeps a float32 copy of the logits and makes several passes over
+    tokens x vocab temporaries. This one saves only the logits as they are (bf16 under
+    autocast) and works in blocks of rows small enough to stay in cache: the forward's
+    logsumexp and the backward's softmax-minus-one-hot each read the logits once.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        lse = torch.cat(
+            [torch.logsumexp(b.float(), dim=-1, keepdim=True) for b in logits.split(BLOCK_ROWS)]
+        )
+        ctx.save_for_backward(logits, targets, lse)
+        return logits.gather(1, targets).float() - lse
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, targets, lse = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], BLOCK_ROWS):
+            rows = slice(start, start + BLOCK_ROWS)
+            g = logits[rows].to(torch.float32, copy=True)
+            g.sub_(lse[rows]).exp_().mul_(-grad[rows].sum(dim=-1, keepdim=True))
+            g.scatter_add_(1, targets[rows], grad[rows])
+            out[rows] = g
+        return out, None
 
 
 def _targets_2d(datum: Datum) -> torch.Tensor:
