@@ -1,14 +1,26 @@
 """Shared fixtures: a tiny random-init Llama built in code, and the embedded SmolLM2."""
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from tinkerd.model.loading import BaseModel, load_base_model
 from tinkerd.model.tiny import build_tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny matmuls gain nothing from threads, and thread spinning is slow on a busy 2-core
+    host (10x slower tests were seen). Restored after each test, whatever it set."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

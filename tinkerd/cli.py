@@ -52,6 +52,7 @@ def bench_engine(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     threads: Annotated[int, typer.Option(help="torch threads")] = 2,
     steps: Annotated[int, typer.Option(help="timed repetitions (best is kept)")] = 3,
+    dtype: Annotated[str, typer.Option(help="base weights: bfloat16 or float32")] = "bfloat16",
     random_weights: Annotated[
         bool, typer.Option(help="random weights with the model dir's architecture")
     ] = False,
@@ -67,6 +68,7 @@ def bench_engine(
         "threads": threads,
         "steps": steps,
         "random_weights": random_weights,
+        "dtype": dtype,
     }
     if model:
         args["model"] = model

@@ -2,7 +2,6 @@
 give each row exactly what a separate PEFT model gives, with gradients that stay per adapter."""
 
 import copy
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,15 +32,6 @@ SPECS: dict[str, tuple[int, int]] = {"a": (4, 32), "b": (8, 16), "c": (16, 8)}
 # Input order of the mixed batch: adapters interleaved, one base row, all lengths different.
 ROW_ADAPTERS: list[str | None] = ["b", "a", None, "c", "a", "b", "c"]
 ROW_LENGTHS = [7, 11, 9, 5, 13, 6, 10]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls gain nothing from threads, and thread spinning is slow on a busy host."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @dataclass
@@ -422,8 +412,7 @@ def test_uniform_segments_use_batched_path_and_match_one_at_a_time(tiny_base: Ba
 
     mixed = worker.forward_backward(items)
     mixed_grads = {
-        aid: {k: p.grad.clone() for k, p in worker.lora.adapters[aid].params.items()}
-        for aid in ids
+        aid: {k: p.grad.clone() for k, p in worker.lora.adapters[aid].params.items()} for aid in ids
     }
     for aid in ids:
         worker.zero_grad(aid)

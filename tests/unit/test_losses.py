@@ -3,7 +3,7 @@ PEFT copy of the same adapter: values, per-datum outputs and adapter gradients."
 
 import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import peft
@@ -23,15 +23,6 @@ LENGTHS = [(4, 9), (6, 6), (3, 12), (5, 8)]  # (prompt tokens, completion tokens
 # Log-ratios log(r) = lp - q kept away from every clip boundary used below, so that the
 # tinkerd pass and the reference agree on which tokens are clipped.
 LOG_RATIOS = (-1.0, -0.7, -0.1, 0.0, 0.1, 0.7, 1.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls gain nothing from threads, and thread spinning is slow on a busy host."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @dataclass

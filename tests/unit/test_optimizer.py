@@ -1,7 +1,6 @@
 """The worker's per-adapter AdamW against a standalone torch.optim.AdamW fed the same gradients,
 with hyperparameters and gradient clipping changing at every step, and adapter isolation."""
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,15 +14,6 @@ from tinkerd.model.types import Datum, ForwardBackwardInput
 from tinkerd.model.worker import ModelWorker
 
 ATOL, RTOL = 1e-7, 1e-6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls gain nothing from threads, and thread spinning is slow on a busy host."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_worker(base: BaseModel) -> ModelWorker:

@@ -8,7 +8,6 @@ the data dir; every later start loads those.
 
 import importlib.util
 import os
-import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,10 +161,3 @@ def _pad_id(config: object, tokenizer: object) -> int:
         if isinstance(value, int):
             return value
     return 0
-
-
-def copy_model_dir(src: Path, dst: Path) -> None:
-    """Copy a model dir atomically (used to stage models into a data dir)."""
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-    shutil.copytree(src, tmp)
-    os.replace(tmp, dst)
