@@ -132,6 +132,16 @@ class ModelWorker:
         targets = sorted({p.rsplit(".", 1)[-1] for p in self.lora.target_paths(adapter.config)})
         return AdapterState(adapter.config, targets, weights, optimizer)
 
+    def import_snapshot(self, snapshot_id: str, state: AdapterState) -> None:
+        """Load saved weights as a frozen, sample-only adapter (no optimizer state)."""
+        if self.has_adapter(snapshot_id):
+            self.remove_adapter(snapshot_id)
+        adapter = self.lora.add_adapter(snapshot_id, state.config)
+        self.lora.load_weights(snapshot_id, state.weights)
+        adapter.trainable = False
+        for p in adapter.parameters():
+            p.requires_grad_(False)
+
     def import_adapter(self, adapter_id: str, state: AdapterState) -> None:
         """Create (or replace) an adapter from saved state; optimizer moments if present."""
         if self.has_adapter(adapter_id):

@@ -1,0 +1,1 @@
+"""Scheduling: per-run seq_id order, cross-tenant batching under a token budget, sampling."""

@@ -1,0 +1,303 @@
+"""One scheduler thread per base model: it owns that model's worker and runs everything on it.
+
+Training: each run's ops execute strictly in `seq_id` order with no gaps; ops that arrive early
+wait (the SDK sends chunks 2..n before chunk 1), and a repeat of a seq_id is ignored. Every
+loop takes, from every run, the contiguous forward_backward ops at the head of its queue and
+packs them into micro-batches of at most `token_budget` tokens, so tenants share passes but no
+batch can exhaust memory. Each op completes as soon as its own rows are done. Other ops
+(optim_step, saves, loads) run one at a time in their run's order.
+
+Sampling: pending sample ops of every sampling client are batched together, alternating with
+training so neither starves the other.
+"""
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+from tinkerd.engine.adapter_files import read_adapter, write_adapter
+from tinkerd.engine.ops import (
+    CreateAdapter,
+    ForwardBackward,
+    LoadAdapter,
+    Op,
+    OptimStep,
+    Sample,
+    SaveAdapter,
+    SnapshotAdapter,
+    UserError,
+)
+from tinkerd.model.types import ForwardBackwardInput, ForwardBackwardOutput
+from tinkerd.model.worker import ModelWorker, UnknownAdapterError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _RunQueue:
+    next_seq: int
+    pending: dict[int, Op] = field(default_factory=dict)
+
+
+@dataclass
+class _Slice:
+    """Some datums of one forward_backward op, for one micro-batch."""
+
+    op: Op
+    start: int
+    end: int
+
+
+class ModelScheduler:
+    def __init__(
+        self,
+        worker: ModelWorker,
+        *,
+        token_budget: int = 8192,
+        sample_batch: int = 64,
+        max_snapshots: int = 256,
+    ) -> None:
+        self.worker = worker
+        self.token_budget = token_budget
+        self.sample_batch = sample_batch
+        self.max_snapshots = max_snapshots
+        self._cv = threading.Condition()
+        self._runs: dict[str, _RunQueue] = {}
+        self._samples: deque[Op] = deque()
+        self._snapshots: deque[str] = deque()  # loaded snapshot ids, oldest first
+        self._partial: dict[str, list[ForwardBackwardOutput]] = {}  # request_id -> slices done
+        self._stopping = False
+        self._thread = threading.Thread(
+            target=self._loop, name=f"scheduler:{worker.info.name}", daemon=True
+        )
+
+    # -- called from other threads -------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        self._thread.join(timeout)
+
+    def submit(self, op: Op) -> None:
+        """Queue an op. Training ops need `model_id` and `seq_id` (0 = the run's first)."""
+        with self._cv:
+            if isinstance(op.action, Sample):
+                self._samples.append(op)
+            else:
+                assert op.model_id is not None and op.seq_id is not None
+                queue = self._runs.setdefault(op.model_id, _RunQueue(next_seq=0))
+                if op.seq_id < queue.next_seq or op.seq_id in queue.pending:
+                    return  # already applied or already queued: never apply twice
+                queue.pending[op.seq_id] = op
+            self._cv.notify_all()
+
+    def resume_run(self, model_id: str, next_seq: int) -> None:
+        """Declare where a run's sequence continues (e.g. seq 1 after creation)."""
+        with self._cv:
+            queue = self._runs.setdefault(model_id, _RunQueue(next_seq=next_seq))
+            queue.next_seq = max(queue.next_seq, next_seq)
+            self._cv.notify_all()
+
+    def queued(self) -> int:
+        with self._cv:
+            return len(self._samples) + sum(len(q.pending) for q in self._runs.values())
+
+    # -- the worker thread ---------------------------------------------------------------
+
+    def _ready(self) -> bool:
+        return bool(self._samples) or any(q.next_seq in q.pending for q in self._runs.values())
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self._ready():
+                    self._cv.wait()
+                if self._stopping:
+                    return
+                barriers, slices = self._take_training()
+                samples = [
+                    self._samples.popleft()
+                    for _ in range(min(self.sample_batch, len(self._samples)))
+                ]
+            for op in barriers:
+                self._run_barrier(op)
+            for batch in self._micro_batches(slices):
+                self._run_forward_backward(batch)
+            if samples:
+                self._run_samples(samples)
+
+    def _take_training(self) -> tuple[list[Op], list[_Slice]]:
+        """Under the lock: every run's head. A run contributes either its leading
+        forward_backward ops (batched across runs) or one other op (a barrier)."""
+        barriers: list[Op] = []
+        slices: list[_Slice] = []
+        tokens = 0
+        for queue in self._runs.values():
+            op = queue.pending.get(queue.next_seq)
+            if op is None:
+                continue
+            if not isinstance(op.action, ForwardBackward):
+                barriers.append(queue.pending.pop(queue.next_seq))
+                queue.next_seq += 1
+                continue
+            while op is not None and isinstance(op.action, ForwardBackward):
+                if slices and tokens + op.action.tokens() > self.token_budget * 4:
+                    break  # leave the rest for the next loop: keeps rounds short and fair
+                queue.pending.pop(queue.next_seq)
+                queue.next_seq += 1
+                slices.append(_Slice(op, 0, len(op.action.input.data)))
+                tokens += op.action.tokens()
+                op = queue.pending.get(queue.next_seq)
+        return barriers, slices
+
+    def _micro_batches(self, slices: list[_Slice]) -> list[list[_Slice]]:
+        """Split ops' datums into batches of at most `token_budget` tokens (a datum larger
+        than the budget goes alone)."""
+        batches: list[list[_Slice]] = []
+        current: list[_Slice] = []
+        used = 0
+        for s in slices:
+            data = s.op.action.input.data  # type: ignore[union-attr]
+            start = 0
+            for i, datum in enumerate(data):
+                n = len(datum.tokens)
+                if used > 0 and used + n > self.token_budget:
+                    if i > start:
+                        current.append(_Slice(s.op, start, i))
+                        start = i
+                    batches.append(current)
+                    current, used = [], 0
+                used += n
+            current.append(_Slice(s.op, start, len(data)))
+        if current:
+            batches.append(current)
+        return batches
+
+    def _run_forward_backward(self, batch: list[_Slice]) -> None:
+        inputs = []
+        for s in batch:
+            full: ForwardBackwardInput = s.op.action.input  # type: ignore[union-attr]
+            inputs.append(
+                ForwardBackwardInput(
+                    full.adapter_id,
+                    full.data[s.start : s.end],
+                    full.loss_fn,
+                    full.loss_fn_config,
+                    full.forward_only,
+                )
+            )
+        try:
+            outputs = self.worker.forward_backward(inputs)
+        except Exception as exc:
+            if len(batch) > 1:
+                log.warning("batched forward_backward failed (%s); retrying one by one", exc)
+                for s in batch:
+                    self._run_forward_backward([s])
+                return
+            self._partial.pop(batch[0].op.request_id, None)
+            batch[0].op.fail(_classify(exc))
+            return
+        for s, out in zip(batch, outputs, strict=True):
+            self._collect(s, out)
+
+    def _collect(self, s: _Slice, out: ForwardBackwardOutput) -> None:
+        """Merge an op's slices; complete it when its last datum is in."""
+        parts = self._partial.setdefault(s.op.request_id, [])
+        parts.append(out)
+        if s.end == len(s.op.action.input.data):  # type: ignore[union-attr]
+            del self._partial[s.op.request_id]
+            s.op.done(
+                ForwardBackwardOutput(
+                    loss_fn_outputs=[o for p in parts for o in p.loss_fn_outputs],
+                    metrics={"loss:sum": sum(p.metrics["loss:sum"] for p in parts)},
+                )
+            )
+
+    def _run_barrier(self, op: Op) -> None:
+        action = op.action
+        model_id = op.model_id
+        assert model_id is not None
+        try:
+            if isinstance(action, CreateAdapter):
+                self.worker.add_adapter(model_id, action.config)
+                result: object = None
+            elif isinstance(action, OptimStep):
+                result = self.worker.optim_step(model_id, action.params)
+            elif isinstance(action, SaveAdapter):
+                state = self.worker.export_adapter(model_id, with_optimizer=action.with_optimizer)
+                result = write_adapter(
+                    action.directory, state, action.base_model, overwrite=action.overwrite
+                )
+            elif isinstance(action, SnapshotAdapter):
+                self.worker.snapshot_adapter(model_id, action.snapshot_id)
+                self._remember_snapshot(action.snapshot_id)
+                result = None
+            elif isinstance(action, LoadAdapter):
+                state = read_adapter(action.directory, with_optimizer=action.with_optimizer)
+                self.worker.import_adapter(model_id, state)
+                result = None
+            else:
+                raise TypeError(f"unknown action {action!r}")
+        except Exception as exc:
+            op.fail(_classify(exc))
+            return
+        op.done(result)
+
+    def _remember_snapshot(self, snapshot_id: str) -> None:
+        """Keep at most `max_snapshots` sampler snapshots in memory (oldest dropped; saved
+        ones reload from disk on their next use)."""
+        self._snapshots.append(snapshot_id)
+        while len(self._snapshots) > self.max_snapshots:
+            old = self._snapshots.popleft()
+            if self.worker.has_adapter(old):
+                self.worker.remove_adapter(old)
+
+    def _ensure_snapshot(self, op: Op) -> None:
+        action = op.action
+        assert isinstance(action, Sample)
+        adapter_id = action.input.adapter_id
+        if adapter_id is None or self.worker.has_adapter(adapter_id):
+            return
+        if action.snapshot_dir is None:
+            raise UserError(f"sampler weights {adapter_id!r} are no longer available")
+        self.worker.import_snapshot(
+            adapter_id, read_adapter(action.snapshot_dir, with_optimizer=False)
+        )
+        self._remember_snapshot(adapter_id)
+
+    def _run_samples(self, ops: list[Op]) -> None:
+        ready = []
+        for op in ops:
+            try:
+                self._ensure_snapshot(op)
+                ready.append(op)
+            except Exception as exc:
+                op.fail(_classify(exc))
+        if not ready:
+            return
+        try:
+            outputs = self.worker.sample([op.action.input for op in ready])  # type: ignore[union-attr]
+        except Exception as exc:
+            if len(ready) > 1:
+                log.warning("batched sampling failed (%s); retrying one by one", exc)
+                for op in ready:
+                    self._run_samples([op])
+                return
+            ready[0].fail(_classify(exc))
+            return
+        for op, out in zip(ready, outputs, strict=True):
+            op.done(out)
+
+
+def _classify(exc: Exception) -> Exception:
+    """User errors stay user errors; a missing adapter is the caller's unknown id."""
+    if isinstance(exc, UnknownAdapterError):
+        return UserError(f"unknown model or sampler: {exc.args[0]}")
+    if isinstance(exc, FileNotFoundError):
+        return UserError(str(exc))
+    return exc

@@ -1,0 +1,80 @@
+"""Plain records the store takes and returns (no SQLAlchemy objects leak out of store/)."""
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+@dataclass
+class SessionRecord:
+    session_id: str
+    user: str
+    tags: list[str] = field(default_factory=list)
+    user_metadata: dict[str, Any] = field(default_factory=dict)
+    sdk_version: str | None = None
+    project_id: str | None = None
+    display_name: str | None = None
+    created_at: datetime | None = None
+    last_heartbeat: datetime | None = None
+    finished: bool = False
+
+
+@dataclass
+class TrainingRunRecord:
+    """A training run is a model: id `<session_id>:train:<model_seq_id>`."""
+
+    model_id: str
+    session_id: str
+    user: str
+    base_model: str
+    lora_rank: int
+    lora_config: dict[str, Any]  # rank, alpha, seed, train_attn, train_mlp, train_unembed
+    user_metadata: dict[str, Any] = field(default_factory=dict)
+    created_at: datetime | None = None
+    last_request_time: datetime | None = None
+    last_seq_id: int = 0  # the last seq_id whose request completed or failed
+
+
+@dataclass
+class FutureRecord:
+    """A request acknowledged with a request_id. `request` and `result` are opaque bytes."""
+
+    request_id: str
+    user: str
+    kind: str  # create_model | forward_backward | optim_step | save_weights | ... | sample
+    request: bytes
+    model_id: str | None = None
+    seq_id: int | None = None
+    status: str = "pending"  # pending | complete | failed
+    result: bytes | None = None
+    result_type: str | None = None  # "json" | "proto"
+    error: str | None = None
+    category: str | None = None  # user | server | unknown
+    created_at: datetime | None = None
+    completed_at: datetime | None = None
+
+
+@dataclass
+class CheckpointRecord:
+    training_run_id: str
+    checkpoint_id: str  # "weights/<name>" | "sampler_weights/<name>" | "external_weights/<name>"
+    checkpoint_type: str  # training | sampler | external
+    tinker_path: str
+    user: str
+    size_bytes: int | None = None
+    public: bool = False
+    user_metadata: dict[str, Any] = field(default_factory=dict)
+    created_at: datetime | None = None
+    expires_at: datetime | None = None
+
+
+@dataclass
+class SamplingSessionRecord:
+    """`<session_id>:sample:<n>`: a base model, or a frozen adapter snapshot (`model_path`)."""
+
+    sampling_session_id: str
+    session_id: str
+    user: str
+    base_model: str
+    model_path: str | None = None
+    created_at: datetime | None = None
