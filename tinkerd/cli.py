@@ -23,10 +23,46 @@ def _settings(**overrides: object) -> Settings:
 
 
 @app.command()
-def serve() -> None:
-    """Run the Tinker-compatible HTTP server (arrives with the api/ layer)."""
-    typer.echo("tinkerd serve: the HTTP server is not part of this build yet.", err=True)
-    raise typer.Exit(code=2)
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address [env: TINKERD_HOST]")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [env: TINKERD_PORT]")] = None,
+    data_dir: DataDirOption = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(help="Base model name or path, repeatable [env: TINKERD_MODELS]"),
+    ] = None,
+    database_url: Annotated[
+        str | None, typer.Option(help="SQLAlchemy URL [env: TINKERD_DATABASE_URL]")
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="float32 | bfloat16 [env: TINKERD_DTYPE]")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu | cuda [env: TINKERD_DEVICE]")] = None,
+) -> None:
+    """Run the Tinker-compatible HTTP server."""
+    import logging
+
+    import uvicorn
+
+    from tinkerd.api.app import create_app
+
+    settings = _settings(
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        models=model,
+        database_url=database_url,
+        dtype=dtype,
+        device=device,
+    )
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    url = f"http://{settings.host}:{settings.port}"
+    typer.echo(f"tinkerd: serving {', '.join(settings.models)} at {url}")
+    typer.echo(f"  export TINKER_BASE_URL={url}")
+    typer.echo("  export TINKER_API_KEY=tml-local   # any key starting with tml-")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
 
 
 @app.command("prepare-model")

@@ -15,12 +15,21 @@ def default_data_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    """Every knob of tinkerd. Each field is also read from `TINKERD_<FIELD>` (upper case)."""
+    """Every knob of tinkerd. Each field is also read from `TINKERD_<FIELD>` (upper case);
+    list fields take JSON (`TINKERD_MODELS='["a", "b"]'`)."""
 
     model_config = SettingsConfigDict(env_prefix="TINKERD_", extra="ignore")
 
+    host: str = "127.0.0.1"
+    port: int = 8000
     data_dir: Path = Field(default_factory=default_data_dir)
     models: list[str] = Field(default_factory=lambda: [EMBEDDED_MODEL])
+    database_url: str | None = None  # default: SQLite in the data dir
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: str = "cpu"
     threads: int | None = None
+    token_budget: int = 8192  # tokens per forward/backward micro-batch
+    long_poll_seconds: float = 30.0  # how long retrieve_future waits before try_again
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'tinkerd.db'}"

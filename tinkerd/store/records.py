@@ -77,4 +77,5 @@ class SamplingSessionRecord:
     user: str
     base_model: str
     model_path: str | None = None
+    snapshot_of: str | None = None  # training run whose in-memory snapshot this samples
     created_at: datetime | None = None

@@ -1,0 +1,87 @@
+"""The FastAPI application: wiring of store, engine and routes, and the error contract.
+
+Errors follow the SDK's retry rules (`tinker-protocol.md` §1.5): caller errors are 4xx with a
+JSON body `{"detail": ...}` saying what is wrong (never a bare 400, which the SDK retries as
+a proxy glitch); unexpected failures are 500, which the SDK retries.
+"""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from tinkerd.api.futures import FutureHub
+from tinkerd.api.routes import router
+from tinkerd.api.service import ApiError, Service
+from tinkerd.checkpoints.atomic import cleanup_leftovers
+from tinkerd.config import Settings
+from tinkerd.engine.scheduler import ModelScheduler
+from tinkerd.model.loading import load_base_model
+from tinkerd.model.worker import ModelWorker
+from tinkerd.store.store import Store
+
+log = logging.getLogger("tinkerd")
+
+
+def build_schedulers(settings: Settings) -> dict[str, ModelScheduler]:
+    """Load each served model once and give it a worker and a scheduler thread."""
+    autocast = torch.bfloat16 if settings.dtype == "bfloat16" else None
+    schedulers = {}
+    for name in settings.models:
+        base = load_base_model(
+            name, data_dir=settings.data_dir, dtype=settings.dtype, device=settings.device
+        )
+        worker = ModelWorker(base, autocast_dtype=autocast)
+        schedulers[base.info.name] = ModelScheduler(worker, token_budget=settings.token_budget)
+    return schedulers
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint_root = settings.data_dir / "checkpoints"
+        checkpoint_root.mkdir(exist_ok=True)
+        cleanup_leftovers(checkpoint_root)
+        store = Store(settings.resolved_database_url())
+        schedulers = build_schedulers(settings)
+        hub = FutureHub()
+        hub.bind(asyncio.get_running_loop())
+        service = Service(store, schedulers, checkpoint_root, hub)
+        failed = service.recover()
+        if failed:
+            log.warning("%d requests unfinished at the last shutdown were failed", failed)
+        for scheduler in schedulers.values():
+            scheduler.start()
+        app.state.service = service
+        app.state.long_poll_seconds = settings.long_poll_seconds
+        log.info("tinkerd ready: serving %s", ", ".join(schedulers))
+        yield
+        for scheduler in schedulers.values():
+            scheduler.stop()
+        store.close()
+
+    app = FastAPI(title="tinkerd", version="0.1.0", lifespan=lifespan)
+    app.include_router(router)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(KeyError)
+    async def missing_field(_: Request, exc: KeyError) -> JSONResponse:
+        return JSONResponse({"detail": f"missing field {exc.args[0]!r}"}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+
+    return app

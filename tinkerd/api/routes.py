@@ -1,0 +1,272 @@
+"""The HTTP endpoints of the Tinker protocol (`tinker-protocol.md` §3).
+
+Handlers are thin: authenticate, parse, call the Service, shape the JSON. Plain `def`
+handlers run in FastAPI's threadpool (they do blocking database work); `retrieve_future` is
+`async` because it long-polls.
+"""
+
+import asyncio
+import contextlib
+import hashlib
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Header, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from tinkerd.api.service import ApiError, Service, not_found
+from tinkerd.checkpoints.paths import TinkerPath
+from tinkerd.checkpoints.peft_format import read_adapter_info
+from tinkerd.store.records import CheckpointRecord, FutureRecord, TrainingRunRecord
+
+router = APIRouter(prefix="/api/v1")
+JsonBody = Annotated[dict[str, Any], Body()]
+
+
+def service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def current_user(x_api_key: Annotated[str | None, Header()] = None) -> str:
+    """Each distinct `tml-` key is its own user (keys are never stored in clear)."""
+    if not x_api_key or not x_api_key.startswith("tml-"):
+        raise ApiError(401, "missing or malformed X-API-Key (expected a key starting with tml-)")
+    return hashlib.sha256(x_api_key.encode()).hexdigest()[:32]
+
+
+User = Annotated[str, Depends(current_user)]
+Svc = Annotated[Service, Depends(service)]
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.post("/client/config")
+def client_config() -> dict[str, Any]:
+    return {"pjwt_auth_enabled": False}
+
+
+@router.post("/client/dynamic_config")
+def dynamic_config() -> dict[str, Any]:
+    return {}
+
+
+@router.post("/create_session")
+def create_session(body: JsonBody, user: User, svc: Svc) -> dict[str, str]:
+    return {"session_id": svc.create_session(user, body), "type": "create_session"}
+
+
+@router.post("/session_heartbeat")
+def session_heartbeat(body: JsonBody, user: User, svc: Svc) -> dict[str, str]:
+    svc.session(body["session_id"], user)
+    svc.store.heartbeat(body["session_id"])
+    return {"type": "session_heartbeat"}
+
+
+@router.post("/sessions/{session_id}/finish")
+def finish_session(session_id: str, user: User, svc: Svc) -> dict[str, str]:
+    svc.session(session_id, user)
+    svc.store.finish_session(session_id)
+    return {"status": "ok"}
+
+
+@router.post("/telemetry")
+def telemetry() -> dict[str, str]:
+    return {"status": "accepted"}
+
+
+@router.get("/get_server_capabilities")
+def capabilities(svc: Svc) -> dict[str, Any]:
+    return {
+        "supported_models": [
+            {
+                "model_name": info.name,
+                "max_context_length": info.context_length,
+                "trainable": True,
+                "sampleable": True,
+            }
+            for info in svc.infos()
+        ]
+    }
+
+
+@router.post("/create_model")
+def create_model(body: JsonBody, user: User, svc: Svc) -> dict[str, Any]:
+    return svc.create_model(user, body).json()
+
+
+@router.post("/get_info")
+def get_info(body: JsonBody, user: User, svc: Svc) -> dict[str, Any]:
+    return svc.get_info(user, body["model_id"])
+
+
+@router.post("/forward_backward")
+async def forward_backward(request: Request, user: User, svc: Svc) -> dict[str, Any]:
+    body = await request.body()
+    encoding = request.headers.get("content-encoding")
+    future = await run_in_threadpool(svc.forward_backward, user, body, encoding)
+    return future.json()
+
+
+@router.post("/optim_step")
+def optim_step(body: JsonBody, user: User, svc: Svc) -> dict[str, Any]:
+    return svc.optim_step(user, body).json()
+
+
+@router.post("/save_weights")
+def save_weights(body: JsonBody, user: User, svc: Svc) -> dict[str, Any]:
+    return svc.save_weights(user, body, for_sampler=False).json()
+
+
+@router.post("/save_weights_for_sampler")
+def save_weights_for_sampler(body: JsonBody, user: User, svc: Svc) -> dict[str, Any]:
+    return svc.save_weights(user, body, for_sampler=True).json()
+
+
+@router.post("/load_weights")
+def load_weights(body: JsonBody, user: User, svc: Svc) -> dict[str, Any]:
+    return svc.load_weights(user, body).json()
+
+
+@router.post("/create_sampling_session")
+def create_sampling_session(body: JsonBody, user: User, svc: Svc) -> dict[str, str]:
+    return {
+        "sampling_session_id": svc.create_sampling_session(user, body),
+        "type": "create_sampling_session",
+    }
+
+
+@router.get("/samplers/{sampler_id}")
+def get_sampler(sampler_id: str, user: User, svc: Svc) -> dict[str, Any]:
+    rec = svc.sampler(user, sampler_id)
+    return {"sampler_id": sampler_id, "base_model": rec.base_model, "model_path": rec.model_path}
+
+
+@router.post("/asample")
+def asample(body: JsonBody, user: User, svc: Svc) -> dict[str, Any]:
+    return svc.sample(user, body).json()
+
+
+@router.post("/retrieve_future")
+async def retrieve_future(body: JsonBody, user: User, svc: Svc, request: Request) -> Response:
+    """Long-poll: answer as soon as the future finishes, or `try_again` after the poll time."""
+    request_id = str(body["request_id"])
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + request.app.state.long_poll_seconds
+    while True:
+        event = svc.hub.event(request_id)
+        try:
+            rec = await run_in_threadpool(svc.get_future, request_id, user)
+            if rec.status != "pending":
+                return render_future(rec)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return JSONResponse(
+                    {"type": "try_again", "request_id": request_id, "queue_state": "active"}
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), remaining)
+        finally:
+            svc.hub.forget(request_id, event)
+
+
+def render_future(rec: FutureRecord) -> Response:
+    if rec.status == "failed":
+        return JSONResponse({"error": rec.error, "category": rec.category or "unknown"})
+    media = "application/x-protobuf" if rec.result_type == "proto" else "application/json"
+    return Response(rec.result or b"", media_type=media)
+
+
+# -- REST management (RestClient, the `tinker` CLI) ------------------------------------
+
+
+def _iso(t: datetime | None) -> str | None:
+    return t.isoformat() if t else None
+
+
+def checkpoint_json(rec: CheckpointRecord) -> dict[str, Any]:
+    return {
+        "checkpoint_id": rec.checkpoint_id,
+        "checkpoint_type": rec.checkpoint_type,
+        "time": _iso(rec.created_at),
+        "tinker_path": rec.tinker_path,
+        "size_bytes": rec.size_bytes,
+        "public": rec.public,
+        "user_metadata": rec.user_metadata or None,
+        "expires_at": _iso(rec.expires_at),
+    }
+
+
+def training_run_json(svc: Service, run: TrainingRunRecord) -> dict[str, Any]:
+    checkpoints, _ = svc.store.list_checkpoints(run.user, run.model_id)
+    latest: dict[str, dict[str, Any]] = {}
+    for c in sorted(checkpoints, key=lambda c: c.created_at or datetime.min):
+        latest[c.checkpoint_type] = checkpoint_json(c)
+    return {
+        "training_run_id": run.model_id,
+        "base_model": run.base_model,
+        "model_owner": run.user,
+        "is_lora": True,
+        "corrupted": False,
+        "lora_rank": run.lora_rank,
+        "last_request_time": _iso(run.last_request_time or run.created_at),
+        "last_checkpoint": latest.get("training"),
+        "last_sampler_checkpoint": latest.get("sampler"),
+        "user_metadata": run.user_metadata or None,
+    }
+
+
+@router.get("/training_runs")
+def list_training_runs(user: User, svc: Svc, limit: int = 20, offset: int = 0) -> dict[str, Any]:
+    runs, total = svc.store.list_training_runs(user, limit, offset)
+    return {
+        "training_runs": [training_run_json(svc, r) for r in runs],
+        "cursor": {"offset": offset, "limit": limit, "total_count": total},
+    }
+
+
+@router.get("/training_runs/{run_id}")
+def get_training_run(run_id: str, user: User, svc: Svc) -> dict[str, Any]:
+    return training_run_json(svc, svc.run(run_id, user))
+
+
+@router.get("/training_runs/{run_id}/checkpoints")
+def list_run_checkpoints(run_id: str, user: User, svc: Svc) -> dict[str, Any]:
+    svc.run(run_id, user)
+    checkpoints, _ = svc.store.list_checkpoints(user, run_id)
+    return {"checkpoints": [checkpoint_json(c) for c in checkpoints]}
+
+
+@router.get("/checkpoints")
+def list_checkpoints(user: User, svc: Svc, limit: int = 100, offset: int = 0) -> dict[str, Any]:
+    checkpoints, total = svc.store.list_checkpoints(user, None, limit, offset)
+    return {
+        "checkpoints": [checkpoint_json(c) for c in checkpoints],
+        "cursor": {"offset": offset, "limit": limit, "total_count": total},
+    }
+
+
+@router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}")
+def delete_checkpoint(run_id: str, checkpoint_id: str, user: User, svc: Svc) -> dict[str, Any]:
+    try:
+        svc.delete_checkpoint(user, run_id, checkpoint_id)
+    except ValueError as exc:
+        raise not_found(f"checkpoint {checkpoint_id!r}") from exc
+    return {}
+
+
+@router.post("/weights_info")
+def weights_info(body: JsonBody, user: User, svc: Svc) -> dict[str, Any]:
+    tpath, _ = svc.resolve_checkpoint(user, body["tinker_path"])
+    info = read_adapter_info(TinkerPath.storage_dir(tpath, svc.checkpoint_root))
+    return {
+        "base_model": info.base_model,
+        "is_lora": True,
+        "lora_rank": info.rank,
+        "train_unembed": info.train_unembed,
+        "train_mlp": info.train_mlp,
+        "train_attn": info.train_attn,
+    }

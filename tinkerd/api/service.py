@@ -1,0 +1,610 @@
+"""What each endpoint does, between HTTP (routes.py) and the store and engine.
+
+Every request that returns a future follows one path: validate (4xx on bad input) → store the
+future durably → hand an `Op` to the base model's scheduler → return the request_id. The op's
+callbacks, run on the scheduler thread, encode the result as the SDK expects (protobuf for
+forward/backward and sample results, JSON otherwise), store it, and wake the long-pollers.
+"""
+
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from tinkerd.api import codec
+from tinkerd.api.futures import FutureHub
+from tinkerd.checkpoints.paths import TinkerPath
+from tinkerd.checkpoints.peft_format import checkpoint_exists, delete_checkpoint, read_adapter_info
+from tinkerd.engine.ops import (
+    CreateAdapter,
+    ForwardBackward,
+    LoadAdapter,
+    Op,
+    OptimStep,
+    Sample,
+    SaveAdapter,
+    SnapshotAdapter,
+    UserError,
+)
+from tinkerd.engine.scheduler import ModelScheduler
+from tinkerd.model.loading import BaseModelInfo
+from tinkerd.model.lora import LoraConfig
+from tinkerd.model.losses import LossInputError
+from tinkerd.model.optimizer import AdamParams, OptimStepResult
+from tinkerd.model.sampling import validate_sample_input
+from tinkerd.model.training import validate_input
+from tinkerd.model.types import ForwardBackwardInput, SampleInput, SamplingParams
+from tinkerd.store.records import (
+    CheckpointRecord,
+    FutureRecord,
+    SamplingSessionRecord,
+    SessionRecord,
+    TrainingRunRecord,
+)
+from tinkerd.store.store import Store
+
+log = logging.getLogger(__name__)
+
+KIND_TYPES = {"weights": "training", "sampler_weights": "sampler"}
+
+
+class ApiError(Exception):
+    """A caller error: HTTP `status` with a JSON body `{"detail": message}`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def not_found(what: str) -> ApiError:
+    return ApiError(404, f"{what} not found")
+
+
+@dataclass
+class Future:
+    """What a future-returning endpoint answers (UntypedAPIFuture)."""
+
+    request_id: str
+    model_id: str | None = None
+    sample_sequence_ids: list[str] | None = None
+
+    def json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"request_id": self.request_id}
+        if self.model_id is not None:
+            out["model_id"] = self.model_id
+        if self.sample_sequence_ids is not None:
+            out["sample_sequence_ids"] = self.sample_sequence_ids
+        return out
+
+
+class Service:
+    def __init__(
+        self,
+        store: Store,
+        schedulers: dict[str, ModelScheduler],
+        checkpoint_root: Path,
+        hub: FutureHub,
+    ) -> None:
+        self.store = store
+        self.schedulers = schedulers
+        self.checkpoint_root = checkpoint_root
+        self.hub = hub
+
+    # -- models and sessions ------------------------------------------------------------
+
+    def infos(self) -> list[BaseModelInfo]:
+        return [s.worker.info for s in self.schedulers.values()]
+
+    def scheduler(self, base_model: str) -> ModelScheduler:
+        if base_model not in self.schedulers:
+            served = ", ".join(self.schedulers)
+            raise ApiError(404, f"base_model {base_model!r} is not served here; served: {served}")
+        return self.schedulers[base_model]
+
+    def create_session(self, user: str, body: dict[str, Any]) -> str:
+        session_id = str(uuid.uuid4())
+        self.store.create_session(
+            SessionRecord(
+                session_id=session_id,
+                user=user,
+                tags=list(body.get("tags") or []),
+                user_metadata=dict(body.get("user_metadata") or {}),
+                sdk_version=body.get("sdk_version"),
+                project_id=body.get("project_id"),
+                display_name=body.get("display_name"),
+            )
+        )
+        return session_id
+
+    def session(self, session_id: str, user: str) -> SessionRecord:
+        rec = self.store.get_session(session_id, user)
+        if rec is None:
+            raise not_found(f"session {session_id!r}")
+        return rec
+
+    def run(self, model_id: str, user: str) -> TrainingRunRecord:
+        rec = self.store.get_training_run(model_id, user)
+        if rec is None:
+            raise not_found(f"model {model_id!r}")
+        return rec
+
+    # -- futures ------------------------------------------------------------------------
+
+    def _submit(
+        self,
+        user: str,
+        kind: str,
+        body: Any,
+        scheduler: ModelScheduler,
+        make_op: Callable[[str], Op],
+        *,
+        model_id: str | None = None,
+        seq_id: int | None = None,
+    ) -> FutureRecord:
+        """Store the future (deduped by (model_id, seq_id)), then queue its op once."""
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        rec = FutureRecord(
+            request_id=str(uuid.uuid4()),
+            user=user,
+            kind=kind,
+            request=raw,
+            model_id=model_id,
+            seq_id=seq_id,
+        )
+        stored = self.store.create_future(rec)
+        if stored.request_id == rec.request_id:
+            scheduler.submit(make_op(rec.request_id))
+        return stored
+
+    def _callbacks(
+        self, request_id: str, encode: Callable[[object], tuple[bytes, str]]
+    ) -> tuple[Callable[[object], None], Callable[[Exception], None]]:
+        def done(result: object) -> None:
+            try:
+                data, result_type = encode(result)
+            except Exception as exc:
+                failed(exc)
+                return
+            self.store.complete_future(request_id, data, result_type)
+            self.hub.notify(request_id)
+
+        def failed(exc: Exception) -> None:
+            user_error = isinstance(exc, (UserError, LossInputError, ValueError, KeyError))
+            if not user_error:
+                log.exception("request %s failed", request_id, exc_info=exc)
+            message = str(exc) or type(exc).__name__
+            self.store.fail_future(request_id, message, "user" if user_error else "server")
+            self.hub.notify(request_id)
+
+        return done, failed
+
+    def _op(
+        self,
+        request_id: str,
+        action: Any,
+        encode: Callable[[object], tuple[bytes, str]],
+        model_id: str | None = None,
+        seq_id: int | None = None,
+    ) -> Op:
+        done, failed = self._callbacks(request_id, encode)
+        return Op(request_id, action, done, failed, model_id=model_id, seq_id=seq_id)
+
+    def get_future(self, request_id: str, user: str) -> FutureRecord:
+        rec = self.store.get_future(request_id)
+        if rec is None or rec.user != user:
+            raise not_found(f"request {request_id!r}")
+        return rec
+
+    # -- training ----------------------------------------------------------------------
+
+    def create_model(self, user: str, body: dict[str, Any]) -> Future:
+        session = self.session(body["session_id"], user)
+        base_model = body["base_model"]
+        scheduler = self.scheduler(base_model)
+        lora = body.get("lora_config") or {}
+        try:
+            config = LoraConfig(
+                rank=int(lora.get("rank", 32)),
+                seed=lora.get("seed"),
+                train_attn=bool(lora.get("train_attn", True)),
+                train_mlp=bool(lora.get("train_mlp", True)),
+                train_unembed=bool(lora.get("train_unembed", True)),
+            )
+        except ValueError as exc:
+            raise ApiError(400, f"lora_config: {exc}") from exc
+        model_id = f"{session.session_id}:train:{int(body.get('model_seq_id', 0))}"
+        self._create_run(user, session, model_id, base_model, config, body.get("user_metadata"))
+
+        def encode(_: object) -> tuple[bytes, str]:
+            return _json({"model_id": model_id, "type": "create_model"})
+
+        rec = self._submit(
+            user,
+            "create_model",
+            body,
+            scheduler,
+            lambda rid: self._op(rid, CreateAdapter(config), encode, model_id, 0),
+            model_id=model_id,
+            seq_id=0,
+        )
+        return Future(rec.request_id, model_id=model_id)
+
+    def _create_run(
+        self,
+        user: str,
+        session: SessionRecord,
+        model_id: str,
+        base_model: str,
+        config: LoraConfig,
+        user_metadata: dict[str, Any] | None,
+    ) -> None:
+        if self.store.get_training_run(model_id) is not None:
+            return  # a retried create: same run
+        self.store.create_training_run(
+            TrainingRunRecord(
+                model_id=model_id,
+                session_id=session.session_id,
+                user=user,
+                base_model=base_model,
+                lora_rank=config.rank,
+                lora_config={
+                    "rank": config.rank,
+                    "alpha": config.alpha,
+                    "seed": config.seed,
+                    "train_attn": config.train_attn,
+                    "train_mlp": config.train_mlp,
+                    "train_unembed": config.train_unembed,
+                },
+                user_metadata=dict(user_metadata or {}),
+            )
+        )
+
+    def get_info(self, user: str, model_id: str) -> dict[str, Any]:
+        run = self.run(model_id, user)
+        info = self.scheduler(run.base_model).worker.info
+        return {
+            "model_id": model_id,
+            "model_data": {
+                "arch": info.architecture,
+                "model_name": run.base_model,
+                "tokenizer_id": info.tokenizer_name,
+            },
+            "is_lora": True,
+            "lora_rank": run.lora_rank,
+            "model_name": run.base_model,
+            "type": "get_info",
+        }
+
+    def _training_target(self, user: str, model_id: str, seq_id: int) -> TrainingRunRecord:
+        run = self.run(model_id, user)
+        if seq_id < 1:
+            raise ApiError(400, f"seq_id must be >= 1, got {seq_id}")
+        self.store.touch_training_run(model_id)
+        return run
+
+    def forward_backward(self, user: str, body: bytes, content_encoding: str | None) -> Future:
+        try:
+            req = codec.decode_forward_backward(body, content_encoding)
+        except codec.CodecError as exc:
+            raise ApiError(400, str(exc)) from exc
+        run = self._training_target(user, req.model_id, req.seq_id)
+        scheduler = self.scheduler(run.base_model)
+        item = ForwardBackwardInput(
+            req.model_id, req.data, req.loss_fn, dict(req.loss_fn_config), req.forward_only
+        )
+        info = scheduler.worker.info
+        try:
+            validate_input(item, info.vocab_size, info.context_length)
+        except LossInputError as exc:
+            raise ApiError(400, str(exc)) from exc
+
+        def encode(result: object) -> tuple[bytes, str]:
+            return codec.encode_forward_backward_output(result), "proto"  # type: ignore[arg-type]
+
+        rec = self._submit(
+            user,
+            "forward_backward",
+            body,
+            scheduler,
+            lambda rid: self._op(rid, ForwardBackward(item), encode, req.model_id, req.seq_id),
+            model_id=req.model_id,
+            seq_id=req.seq_id,
+        )
+        return Future(rec.request_id, model_id=req.model_id)
+
+    def optim_step(self, user: str, body: dict[str, Any]) -> Future:
+        model_id, seq_id = body["model_id"], int(body["seq_id"])
+        run = self._training_target(user, model_id, seq_id)
+        adam = body.get("adam_params") or {}
+        try:
+            params = AdamParams(
+                **{k: float(v) for k, v in adam.items() if k in AdamParams.__dataclass_fields__}
+            )
+        except (TypeError, ValueError) as exc:
+            raise ApiError(400, str(exc)) from exc
+
+        def encode(result: object) -> tuple[bytes, str]:
+            assert isinstance(result, OptimStepResult)
+            return _json({"metrics": {"grad_norm:max": result.grad_norm}, "type": "optim_step"})
+
+        rec = self._submit(
+            user,
+            "optim_step",
+            body,
+            self.scheduler(run.base_model),
+            lambda rid: self._op(rid, OptimStep(params), encode, model_id, seq_id),
+            model_id=model_id,
+            seq_id=seq_id,
+        )
+        return Future(rec.request_id, model_id=model_id)
+
+    def save_weights(self, user: str, body: dict[str, Any], *, for_sampler: bool) -> Future:
+        model_id, seq_id = body["model_id"], int(body["seq_id"])
+        run = self._training_target(user, model_id, seq_id)
+        scheduler = self.scheduler(run.base_model)
+        name = body.get("path")
+        kind = "save_weights_for_sampler" if for_sampler else "save_weights"
+        if for_sampler and not name:
+            return self._snapshot(user, body, run, scheduler)
+        if not name:
+            raise ApiError(400, "path (the checkpoint name) is required")
+        try:
+            tpath = TinkerPath(model_id, "sampler_weights" if for_sampler else "weights", name)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from exc
+        directory = tpath.storage_dir(self.checkpoint_root)
+        overwrite = bool(body.get("overwrite", False))
+        if not overwrite and checkpoint_exists(directory) and not self._is_retry(model_id, seq_id):
+            raise ApiError(400, f"checkpoint {tpath} already exists (set overwrite to replace)")
+        ttl = body.get("ttl_seconds")
+        metadata = dict(body.get("user_metadata") or {})
+
+        def encode(result: object) -> tuple[bytes, str]:
+            self.store.add_checkpoint(
+                CheckpointRecord(
+                    training_run_id=model_id,
+                    checkpoint_id=tpath.checkpoint_id,
+                    checkpoint_type=KIND_TYPES[tpath.kind],
+                    tinker_path=str(tpath),
+                    user=user,
+                    size_bytes=int(result),  # type: ignore[call-overload]
+                    user_metadata=metadata,
+                    expires_at=datetime.now(UTC) + timedelta(seconds=ttl) if ttl else None,
+                )
+            )
+            return _json({"path": str(tpath), "type": kind})
+
+        action = SaveAdapter(directory, not for_sampler, run.base_model, overwrite=True)
+        rec = self._submit(
+            user,
+            kind,
+            body,
+            scheduler,
+            lambda rid: self._op(rid, action, encode, model_id, seq_id),
+            model_id=model_id,
+            seq_id=seq_id,
+        )
+        return Future(rec.request_id, model_id=model_id)
+
+    def _is_retry(self, model_id: str, seq_id: int) -> bool:
+        return bool(self.store.futures_for_model(model_id, seq_id)[:1]) and (
+            self.store.futures_for_model(model_id, seq_id)[0].seq_id == seq_id
+        )
+
+    def _snapshot(
+        self, user: str, body: dict[str, Any], run: TrainingRunRecord, scheduler: ModelScheduler
+    ) -> Future:
+        """Ephemeral save_weights_for_sampler: a frozen in-memory snapshot as a new sampler."""
+        model_id, seq_id = body["model_id"], int(body["seq_id"])
+        n = body.get("sampling_session_seq_id")
+        if n is None:
+            raise ApiError(400, "either path or sampling_session_seq_id is required")
+        sampler_id = f"{run.session_id}:sample:{int(n)}"
+
+        def encode(_: object) -> tuple[bytes, str]:
+            self.store.create_sampling_session(
+                SamplingSessionRecord(
+                    sampling_session_id=sampler_id,
+                    session_id=run.session_id,
+                    user=user,
+                    base_model=run.base_model,
+                    model_path=None,
+                    snapshot_of=model_id,
+                )
+            )
+            return _json({"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"})
+
+        rec = self._submit(
+            user,
+            "save_weights_for_sampler",
+            body,
+            scheduler,
+            lambda rid: self._op(rid, SnapshotAdapter(sampler_id), encode, model_id, seq_id),
+            model_id=model_id,
+            seq_id=seq_id,
+        )
+        return Future(rec.request_id, model_id=model_id)
+
+    def resolve_checkpoint(self, user: str, path: str) -> tuple[TinkerPath, CheckpointRecord]:
+        """A tinker:// path the user may read (own or public), with its record."""
+        try:
+            tpath = TinkerPath.parse(path)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from exc
+        rec = self.store.get_checkpoint(tpath.run_id, tpath.checkpoint_id)
+        if rec is None or (rec.user != user and not rec.public):
+            raise not_found(f"checkpoint {path!r}")
+        return tpath, rec
+
+    def load_weights(self, user: str, body: dict[str, Any]) -> Future:
+        tpath, _ = self.resolve_checkpoint(user, body["path"])
+        directory = tpath.storage_dir(self.checkpoint_root)
+        with_optimizer = bool(body.get("optimizer", False))
+        if with_optimizer and tpath.kind != "weights":
+            raise ApiError(400, "optimizer state exists only in training checkpoints (weights/)")
+        info = read_adapter_info(directory)
+
+        if "session_id" in body:  # create a new training run from the checkpoint
+            session = self.session(body["session_id"], user)
+            model_id = f"{session.session_id}:train:{int(body.get('model_seq_id', 0))}"
+            base_model = body.get("base_model") or info.base_model
+            config = LoraConfig(
+                info.rank,
+                info.alpha,
+                info.seed,
+                info.train_attn,
+                info.train_mlp,
+                info.train_unembed,
+            )
+            self._create_run(user, session, model_id, base_model, config, body.get("user_metadata"))
+            seq_id = 0
+        else:  # legacy load_state into an existing run
+            model_id, seq_id = body["model_id"], int(body["seq_id"])
+            base_model = self._training_target(user, model_id, seq_id).base_model
+
+        def encode(_: object) -> tuple[bytes, str]:
+            return _json({"path": str(tpath), "model_id": model_id, "type": "load_weights"})
+
+        action = LoadAdapter(directory, with_optimizer)
+        rec = self._submit(
+            user,
+            "load_weights",
+            body,
+            self.scheduler(base_model),
+            lambda rid: self._op(rid, action, encode, model_id, seq_id),
+            model_id=model_id,
+            seq_id=seq_id,
+        )
+        return Future(rec.request_id, model_id=model_id)
+
+    # -- sampling ----------------------------------------------------------------------
+
+    def create_sampling_session(self, user: str, body: dict[str, Any]) -> str:
+        session = self.session(body["session_id"], user)
+        sampler_id = f"{session.session_id}:sample:{int(body['sampling_session_seq_id'])}"
+        model_path = body.get("model_path")
+        base_model = body.get("base_model")
+        if model_path:
+            tpath, _ = self.resolve_checkpoint(user, model_path)
+            info = read_adapter_info(tpath.storage_dir(self.checkpoint_root))
+            base_model = base_model or info.base_model
+        if not base_model:
+            raise ApiError(400, "either base_model or model_path is required")
+        self.scheduler(base_model)
+        if self.store.get_sampling_session(sampler_id) is None:
+            self.store.create_sampling_session(
+                SamplingSessionRecord(
+                    sampling_session_id=sampler_id,
+                    session_id=session.session_id,
+                    user=user,
+                    base_model=base_model,
+                    model_path=model_path,
+                )
+            )
+        return sampler_id
+
+    def sampler(self, user: str, sampler_id: str) -> SamplingSessionRecord:
+        rec = self.store.get_sampling_session(sampler_id, user)
+        if rec is None:
+            raise not_found(f"sampler {sampler_id!r}")
+        return rec
+
+    def sample(self, user: str, body: dict[str, Any]) -> Future:
+        sampler_id = body.get("sampling_session_id")
+        if sampler_id:
+            sampler = self.sampler(user, sampler_id)
+            base_model = sampler.base_model
+        else:
+            sampler, base_model = None, body.get("base_model")
+            if not base_model:
+                raise ApiError(400, "sampling_session_id or base_model is required")
+        scheduler = self.scheduler(base_model)
+        adapter_id, snapshot_dir = None, None
+        if sampler is not None and sampler.model_path:
+            tpath, _ = self.resolve_checkpoint(user, sampler.model_path)
+            adapter_id, snapshot_dir = str(tpath), tpath.storage_dir(self.checkpoint_root)
+        elif sampler is not None and sampler.snapshot_of:
+            adapter_id = sampler.sampling_session_id
+        try:
+            item = SampleInput(
+                adapter_id=adapter_id,
+                prompt=codec.model_input_tokens(body["prompt"]),
+                params=sampling_params(body.get("sampling_params") or {}),
+                num_samples=int(body.get("num_samples", 1)),
+                prompt_logprobs=bool(body.get("prompt_logprobs") or False),
+                topk_prompt_logprobs=int(body.get("topk_prompt_logprobs") or 0),
+            )
+            info = scheduler.worker.info
+            validate_sample_input(item, info.vocab_size, info.context_length)
+        except (codec.CodecError, ValueError, TypeError) as exc:
+            raise ApiError(400, str(exc)) from exc
+
+        def encode(result: object) -> tuple[bytes, str]:
+            data = codec.encode_sample_response(
+                result,  # type: ignore[arg-type]
+                prompt_logprobs_requested=item.prompt_logprobs,
+                topk_prompt_k=item.topk_prompt_logprobs,
+            )
+            return data, "proto"
+
+        seq_id = body.get("seq_id")
+        rec = self._submit(
+            user,
+            "sample",
+            body,
+            scheduler,
+            lambda rid: self._op(rid, Sample(item, snapshot_dir), encode),
+            model_id=sampler_id if seq_id is not None else None,
+            seq_id=int(seq_id) if seq_id is not None else None,
+        )
+        ids = [f"{rec.request_id}:{i}" for i in range(item.num_samples)]
+        return Future(rec.request_id, sample_sequence_ids=ids)
+
+    # -- checkpoints and runs -----------------------------------------------------------
+
+    def delete_checkpoint(self, user: str, run_id: str, checkpoint_id: str) -> None:
+        self.run(run_id, user)
+        tpath = TinkerPath.from_checkpoint_id(run_id, checkpoint_id)
+        if self.store.get_checkpoint(run_id, checkpoint_id) is None:
+            raise not_found(f"checkpoint {tpath}")
+        delete_checkpoint(tpath.storage_dir(self.checkpoint_root))
+        self.store.delete_checkpoint(run_id, checkpoint_id)
+
+    def recover(self) -> int:
+        """After a restart: requests acknowledged but never finished fail with a clear error
+        (nothing hangs). Returns how many."""
+        stale = self.store.unfinished_futures()
+        for rec in stale:
+            self.store.fail_future(
+                rec.request_id,
+                "the server restarted before this request finished; please resubmit it",
+                "server",
+            )
+        return len(stale)
+
+
+def sampling_params(d: dict[str, Any]) -> SamplingParams:
+    stop = d.get("stop")
+    if isinstance(stop, str):
+        stop = (stop,)
+    elif isinstance(stop, list):
+        stop = tuple(stop)
+    max_tokens = d.get("max_tokens")
+    seed = d.get("seed")
+    return SamplingParams(
+        max_tokens=int(max_tokens) if max_tokens is not None else 128,
+        temperature=float(d.get("temperature", 1.0)),
+        top_k=int(d.get("top_k", -1)),
+        top_p=float(d.get("top_p", 1.0)),
+        stop=stop,
+        seed=int(seed) if seed is not None else None,
+    )
+
+
+def _json(data: dict[str, Any]) -> tuple[bytes, str]:
+    return json.dumps(data).encode(), "json"

@@ -1,0 +1,408 @@
+"""The durable store: plain records in and out, SQLAlchemy (SQLite or PostgreSQL) underneath.
+
+Every method opens its own short ORM session and transaction, so one `Store` can be shared by
+the API threadpool and the engine threads. ORM rows never leave this module.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import fields
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import ColumnElement, Engine, create_engine, delete, event, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from tinkerd.store.db import (
+    Base,
+    CheckpointRow,
+    FutureRow,
+    SamplingSessionRow,
+    SessionRow,
+    TrainingRunRow,
+)
+from tinkerd.store.records import (
+    CheckpointRecord,
+    FutureRecord,
+    SamplingSessionRecord,
+    SessionRecord,
+    TrainingRunRecord,
+)
+
+R = TypeVar("R")
+Row = TypeVar("Row", bound=Base)
+
+# Record fields the store fills with "now" when the caller leaves them None.
+_NOW_FIELDS = ("created_at", "last_heartbeat", "last_request_time")
+# How long a SQLite writer waits for the lock before "database is locked" (milliseconds).
+_SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _to_row(row_cls: type[Row], rec: Any) -> Row:
+    """A new ORM row from a record (same attribute names), with missing timestamps set."""
+    values = {f.name: getattr(rec, f.name) for f in fields(rec)}
+    now = _now()
+    for name in _NOW_FIELDS:
+        if name in values and values[name] is None:
+            values[name] = now
+    return row_cls(**values)
+
+
+def _to_record(rec_cls: type[R], row: Base) -> R:
+    values = {f.name: getattr(row, f.name) for f in fields(rec_cls)}  # type: ignore[arg-type]
+    for name in ("request", "result"):  # some drivers return memoryview for binary columns
+        if isinstance(values.get(name), memoryview):
+            values[name] = bytes(values[name])
+    return rec_cls(**values)
+
+
+def _sqlite_engine(url: str) -> Engine:
+    """SQLite tuned for durability under concurrent threads.
+
+    WAL lets readers run beside the writer; `synchronous=FULL` fsyncs each commit, so a future
+    acknowledged to the client survives power loss (NORMAL may lose the last commits). SQLAlchemy
+    emits BEGIN itself (sqlite3's legacy mode runs SELECTs outside the transaction), and write
+    transactions use BEGIN IMMEDIATE so a read-then-write never fails with a stale snapshot.
+    """
+    engine = create_engine(url, connect_args={"check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (below)
+        cursor = dbapi_conn.cursor()
+        cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        immediate = conn.get_execution_options().get("tinkerd_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+class Store:
+    """Sessions, training runs, futures, checkpoints and sampling sessions, durably.
+
+    `url` is a SQLAlchemy URL: `sqlite:///path/to/tinkerd.db` (a file) or
+    `postgresql+psycopg://user@host/db`. Tables are created if missing.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._dialect = make_url(url).get_backend_name()
+        if self._dialect == "sqlite":
+            self._engine = _sqlite_engine(url)
+        elif self._dialect == "postgresql":
+            self._engine = create_engine(url, pool_pre_ping=True)
+        else:
+            raise ValueError(f"unsupported database {self._dialect!r}: use sqlite or postgresql")
+        Base.metadata.create_all(self._engine)
+        self._reader = sessionmaker(self._engine, expire_on_commit=False)
+        writer_engine = self._engine.execution_options(tinkerd_write=True)
+        self._writer = sessionmaker(writer_engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def engine(self) -> Engine:
+        """For tests and diagnostics only; application code goes through the methods."""
+        return self._engine
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        with self._reader() as s, s.begin():
+            yield s
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        """One transaction, committed (durably) when the block exits without an exception."""
+        with self._writer() as s, s.begin():
+            yield s
+
+    def _update(self, row_cls: type[Base], where: ColumnElement[bool], **values: Any) -> bool:
+        """UPDATE rows matching `where`; True if any matched."""
+        with self._write() as s:
+            result = s.execute(update(row_cls).where(where).values(**values))
+            return result.rowcount > 0  # type: ignore[attr-defined]
+
+    # sessions
+
+    def create_session(self, rec: SessionRecord) -> None:
+        with self._write() as s:
+            s.add(_to_row(SessionRow, rec))
+
+    def get_session(self, session_id: str, user: str) -> SessionRecord | None:
+        """None if unknown or owned by another user (the caller cannot tell which)."""
+        with self._read() as s:
+            row = s.get(SessionRow, session_id)
+            if row is None or row.user != user:
+                return None
+            return _to_record(SessionRecord, row)
+
+    def heartbeat(self, session_id: str) -> bool:
+        """Record that the client is alive; False if the session is unknown."""
+        return self._update(SessionRow, SessionRow.session_id == session_id, last_heartbeat=_now())
+
+    def finish_session(self, session_id: str) -> bool:
+        return self._update(SessionRow, SessionRow.session_id == session_id, finished=True)
+
+    def list_sessions(self, user: str, limit: int = 20, offset: int = 0) -> list[SessionRecord]:
+        """The user's sessions, newest first."""
+        with self._read() as s:
+            rows = s.scalars(
+                select(SessionRow)
+                .where(SessionRow.user == user)
+                .order_by(SessionRow.created_at.desc(), SessionRow.session_id.desc())
+                .limit(limit)
+                .offset(offset)
+            )
+            return [_to_record(SessionRecord, r) for r in rows]
+
+    def session_children(self, session_id: str) -> tuple[list[str], list[str]]:
+        """(training run ids, sampling session ids) created in the session, oldest first."""
+        with self._read() as s:
+            runs = s.scalars(
+                select(TrainingRunRow.model_id)
+                .where(TrainingRunRow.session_id == session_id)
+                .order_by(TrainingRunRow.created_at, TrainingRunRow.model_id)
+            )
+            samplers = s.scalars(
+                select(SamplingSessionRow.sampling_session_id)
+                .where(SamplingSessionRow.session_id == session_id)
+                .order_by(SamplingSessionRow.created_at, SamplingSessionRow.sampling_session_id)
+            )
+            return list(runs), list(samplers)
+
+    # training runs
+
+    def create_training_run(self, rec: TrainingRunRecord) -> None:
+        with self._write() as s:
+            s.add(_to_row(TrainingRunRow, rec))
+
+    def get_training_run(self, model_id: str, user: str | None = None) -> TrainingRunRecord | None:
+        """None if unknown or, when `user` is given, owned by another user. `user=None` skips
+        the ownership check (internal callers such as the engine)."""
+        with self._read() as s:
+            row = s.get(TrainingRunRow, model_id)
+            if row is None or (user is not None and row.user != user):
+                return None
+            return _to_record(TrainingRunRecord, row)
+
+    def list_training_runs(
+        self, user: str, limit: int = 20, offset: int = 0
+    ) -> tuple[list[TrainingRunRecord], int]:
+        """(a page of the user's runs, newest first; the total number of the user's runs)."""
+        where = TrainingRunRow.user == user
+        with self._read() as s:
+            rows = s.scalars(
+                select(TrainingRunRow)
+                .where(where)
+                .order_by(TrainingRunRow.created_at.desc(), TrainingRunRow.model_id.desc())
+                .limit(limit)
+                .offset(offset)
+            )
+            page = [_to_record(TrainingRunRecord, r) for r in rows]
+            total = s.scalar(select(func.count()).select_from(TrainingRunRow).where(where))
+            return page, total or 0
+
+    def set_last_seq_id(self, model_id: str, seq_id: int) -> bool:
+        return self._update(TrainingRunRow, TrainingRunRow.model_id == model_id, last_seq_id=seq_id)
+
+    def touch_training_run(self, model_id: str) -> bool:
+        """Set last_request_time to now (shown by the REST training-run listing)."""
+        return self._update(
+            TrainingRunRow, TrainingRunRow.model_id == model_id, last_request_time=_now()
+        )
+
+    # futures
+
+    def create_future(self, rec: FutureRecord) -> FutureRecord:
+        """Record a future durably (committed before returning) and return it as stored.
+
+        A repeat of an existing (model_id, seq_id) is an SDK retry of the same request: the
+        existing future is returned unchanged. The unique constraint makes this safe when the
+        retries race; the loser's insert fails and it reads the winner's row.
+        """
+        row = _to_row(FutureRow, rec)
+        try:
+            with self._write() as s:
+                s.add(row)
+        except IntegrityError:
+            if rec.model_id is None or rec.seq_id is None:
+                raise
+            existing = self._future_by_seq(rec.model_id, rec.seq_id)
+            if existing is None:  # the conflict was on request_id, not a retry
+                raise
+            return existing
+        return _to_record(FutureRecord, row)
+
+    def _future_by_seq(self, model_id: str, seq_id: int) -> FutureRecord | None:
+        with self._read() as s:
+            row = s.scalar(
+                select(FutureRow).where(FutureRow.model_id == model_id, FutureRow.seq_id == seq_id)
+            )
+            return None if row is None else _to_record(FutureRecord, row)
+
+    def get_future(self, request_id: str) -> FutureRecord | None:
+        with self._read() as s:
+            row = s.get(FutureRow, request_id)
+            return None if row is None else _to_record(FutureRecord, row)
+
+    def complete_future(self, request_id: str, result: bytes, result_type: str) -> bool:
+        """Store the result. Only a pending future changes (first outcome wins, so a result a
+        client may already have read is never replaced); returns whether it changed."""
+        return self._update(
+            FutureRow,
+            (FutureRow.request_id == request_id) & (FutureRow.status == "pending"),
+            status="complete",
+            result=result,
+            result_type=result_type,
+            completed_at=_now(),
+        )
+
+    def fail_future(self, request_id: str, error: str, category: str) -> bool:
+        """Store the failure (`category`: user | server | unknown); as complete_future, only a
+        pending future changes."""
+        return self._update(
+            FutureRow,
+            (FutureRow.request_id == request_id) & (FutureRow.status == "pending"),
+            status="failed",
+            error=error,
+            category=category,
+            completed_at=_now(),
+        )
+
+    def unfinished_futures(self) -> list[FutureRecord]:
+        """Pending futures, oldest first: what a restarted server must re-run or fail."""
+        with self._read() as s:
+            rows = s.scalars(
+                select(FutureRow)
+                .where(FutureRow.status == "pending")
+                .order_by(FutureRow.created_at, FutureRow.seq_id, FutureRow.request_id)
+            )
+            return [_to_record(FutureRecord, r) for r in rows]
+
+    def futures_for_model(self, model_id: str, min_seq_id: int = 0) -> list[FutureRecord]:
+        """The model's futures with seq_id >= min_seq_id, in seq_id order."""
+        with self._read() as s:
+            rows = s.scalars(
+                select(FutureRow)
+                .where(FutureRow.model_id == model_id, FutureRow.seq_id >= min_seq_id)
+                .order_by(FutureRow.seq_id)
+            )
+            return [_to_record(FutureRecord, r) for r in rows]
+
+    # checkpoints
+
+    def add_checkpoint(self, rec: CheckpointRecord) -> None:
+        """Insert, or replace the checkpoint with the same (training_run_id, checkpoint_id)
+        (a save with overwrite). A single upsert statement, so concurrent saves cannot clash."""
+        row = _to_row(CheckpointRow, rec)
+        values = {c.key: getattr(row, c.key) for c in CheckpointRow.__table__.columns}
+        insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
+        keys = ("training_run_id", "checkpoint_id")
+        stmt = insert(CheckpointRow).values(**values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=list(keys),
+            set_={k: v for k, v in values.items() if k not in keys},
+        )
+        with self._write() as s:
+            s.execute(stmt)
+
+    def get_checkpoint(self, training_run_id: str, checkpoint_id: str) -> CheckpointRecord | None:
+        """No ownership check: the caller decides (owner, or a public checkpoint)."""
+        with self._read() as s:
+            row = s.get(CheckpointRow, (training_run_id, checkpoint_id))
+            return None if row is None else _to_record(CheckpointRecord, row)
+
+    def list_checkpoints(
+        self,
+        user: str,
+        training_run_id: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> tuple[list[CheckpointRecord], int]:
+        """(a page of the user's checkpoints, newest first, optionally of one run; the total)."""
+        where = CheckpointRow.user == user
+        if training_run_id is not None:
+            where = where & (CheckpointRow.training_run_id == training_run_id)
+        with self._read() as s:
+            rows = s.scalars(
+                select(CheckpointRow)
+                .where(where)
+                .order_by(CheckpointRow.created_at.desc(), CheckpointRow.checkpoint_id.desc())
+                .limit(limit)
+                .offset(offset)
+            )
+            page = [_to_record(CheckpointRecord, r) for r in rows]
+            total = s.scalar(select(func.count()).select_from(CheckpointRow).where(where))
+            return page, total or 0
+
+    def delete_checkpoint(self, training_run_id: str, checkpoint_id: str) -> bool:
+        """Remove the metadata (the files are the checkpoints layer's job); False if unknown."""
+        with self._write() as s:
+            result = s.execute(
+                delete(CheckpointRow).where(
+                    CheckpointRow.training_run_id == training_run_id,
+                    CheckpointRow.checkpoint_id == checkpoint_id,
+                )
+            )
+            return result.rowcount > 0  # type: ignore[attr-defined]
+
+    def _checkpoint_key(self, training_run_id: str, checkpoint_id: str) -> ColumnElement[bool]:
+        return (CheckpointRow.training_run_id == training_run_id) & (
+            CheckpointRow.checkpoint_id == checkpoint_id
+        )
+
+    def set_checkpoint_ttl(
+        self, training_run_id: str, checkpoint_id: str, expires_at: datetime | None
+    ) -> bool:
+        """Set (or clear, with None) the expiry time; False if the checkpoint is unknown."""
+        key = self._checkpoint_key(training_run_id, checkpoint_id)
+        return self._update(CheckpointRow, key, expires_at=expires_at)
+
+    def set_checkpoint_public(self, training_run_id: str, checkpoint_id: str, public: bool) -> bool:
+        key = self._checkpoint_key(training_run_id, checkpoint_id)
+        return self._update(CheckpointRow, key, public=public)
+
+    def expired_checkpoints(self, now: datetime) -> list[CheckpointRecord]:
+        """Checkpoints whose expires_at is at or before `now`, soonest expired first."""
+        with self._read() as s:
+            rows = s.scalars(
+                select(CheckpointRow)
+                .where(CheckpointRow.expires_at.is_not(None), CheckpointRow.expires_at <= now)
+                .order_by(CheckpointRow.expires_at)
+            )
+            return [_to_record(CheckpointRecord, r) for r in rows]
+
+    # sampling sessions
+
+    def create_sampling_session(self, rec: SamplingSessionRecord) -> None:
+        with self._write() as s:
+            s.add(_to_row(SamplingSessionRow, rec))
+
+    def get_sampling_session(
+        self, sampling_session_id: str, user: str | None = None
+    ) -> SamplingSessionRecord | None:
+        """None if unknown or, when `user` is given, owned by another user."""
+        with self._read() as s:
+            row = s.get(SamplingSessionRow, sampling_session_id)
+            if row is None or (user is not None and row.user != user):
+                return None
+            return _to_record(SamplingSessionRecord, row)
