@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     threads: int | None = None
     token_budget: int = 8192  # tokens per forward/backward micro-batch
     long_poll_seconds: float = 30.0  # how long retrieve_future waits before try_again
+    # Datums per forward_backward request that clients are told to send (the SDK splits
+    # larger batches into chunks); None leaves the SDK's default (1024).
+    fwdbwd_max_chunk_len: int | None = None
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'tinkerd.db'}"

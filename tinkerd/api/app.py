@@ -63,6 +63,7 @@ def create_app(settings: Settings) -> FastAPI:
             scheduler.start()
         app.state.service = service
         app.state.long_poll_seconds = settings.long_poll_seconds
+        app.state.fwdbwd_max_chunk_len = settings.fwdbwd_max_chunk_len
         log.info("tinkerd ready: serving %s", ", ".join(schedulers))
         yield
         for scheduler in schedulers.values():

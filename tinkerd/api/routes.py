@@ -45,8 +45,12 @@ def healthz() -> dict[str, str]:
 
 
 @router.post("/client/config")
-def client_config() -> dict[str, Any]:
-    return {"pjwt_auth_enabled": False}
+def client_config(request: Request) -> dict[str, Any]:
+    config: dict[str, Any] = {"pjwt_auth_enabled": False}
+    chunk = request.app.state.fwdbwd_max_chunk_len
+    if chunk:
+        config["fwdbwd_max_chunk_len"] = chunk
+    return config
 
 
 @router.post("/client/dynamic_config")
