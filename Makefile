@@ -33,12 +33,12 @@ bench: $(STAMP)
 	$(BIN)/tinkerd bench engine
 
 lint: $(STAMP)
-	$(BIN)/ruff check tinkerd tests
-	$(BIN)/ruff format --check tinkerd tests
+	$(BIN)/ruff check tinkerd tests examples
+	$(BIN)/ruff format --check tinkerd tests examples
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix tinkerd tests
-	$(BIN)/ruff format tinkerd tests
+	$(BIN)/ruff check --fix tinkerd tests examples
+	$(BIN)/ruff format tinkerd tests examples
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

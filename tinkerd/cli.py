@@ -110,3 +110,27 @@ def bench_engine(
         args["model"] = model
     results = run(EngineBenchConfig(**{k: v for k, v in args.items() if k in known}))
     typer.echo(json.dumps(results))
+
+
+@bench_app.command("api")
+def bench_api(
+    model: Annotated[str | None, typer.Option(help="Model name or path")] = None,
+    data_dir: DataDirOption = None,
+    threads: Annotated[int, typer.Option(help="torch threads")] = 2,
+    steps: Annotated[int, typer.Option(help="timed repetitions (best is kept)")] = 3,
+    rounds: Annotated[int, typer.Option(help="latency round trips")] = 200,
+) -> None:
+    """SFT through the SDK and server vs the engine in-process; round-trip latency."""
+    from tinkerd.bench.api import ApiBenchConfig, run
+
+    settings = _settings(data_dir=data_dir)
+    cfg = ApiBenchConfig(
+        data_dir=settings.data_dir, threads=threads, steps=steps, latency_rounds=rounds
+    )
+    if model:
+        cfg = ApiBenchConfig(**{**cfg.__dict__, "model": model})
+    typer.echo(json.dumps(run(cfg)))
+
+
+if __name__ == "__main__":
+    app()

@@ -10,6 +10,7 @@ import json
 import logging
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -94,6 +95,7 @@ class Service:
         self.schedulers = schedulers
         self.checkpoint_root = checkpoint_root
         self.hub = hub
+        self._bookkeeping = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bookkeeping")
 
     # -- models and sessions ------------------------------------------------------------
 
@@ -192,7 +194,15 @@ class Service:
         seq_id: int | None = None,
     ) -> Op:
         done, failed = self._callbacks(request_id, encode)
-        return Op(request_id, action, done, failed, model_id=model_id, seq_id=seq_id)
+        if model_id is None:
+            return Op(request_id, action, done, failed)
+
+        def done_and_touch(result: object) -> None:
+            done(result)
+            # Bookkeeping off the scheduler thread: the run's next op need not wait for it.
+            self._bookkeeping.submit(self.store.touch_training_run, model_id)
+
+        return Op(request_id, action, done_and_touch, failed, model_id=model_id, seq_id=seq_id)
 
     def get_future(self, request_id: str, user: str) -> FutureRecord:
         rec = self.store.get_future(request_id)
@@ -284,7 +294,6 @@ class Service:
         run = self.run(model_id, user)
         if seq_id < 1:
             raise ApiError(400, f"seq_id must be >= 1, got {seq_id}")
-        self.store.touch_training_run(model_id)
         return run
 
     def forward_backward(self, user: str, body: bytes, content_encoding: str | None) -> Future:

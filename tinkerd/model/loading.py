@@ -26,7 +26,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 @dataclass(frozen=True)
 class BaseModelInfo:
-    """What clients and the scheduler need to know about a served base model."""
+    """What clients and the scheduler need to know about a served base model.
+
+    `tokenizer_name` is what clients pass to `AutoTokenizer.from_pretrained`: the hub name for
+    hub models, else the model's local directory (works offline for clients on this machine).
+    """
 
     name: str
     architecture: str
@@ -130,7 +134,7 @@ def load_base_model(
         vocab_size=model.get_output_embeddings().weight.shape[0],
         context_length=_context_length(config),
         eos_token_ids=_eos_ids(model, tokenizer),
-        tokenizer_name=name if not Path(name).is_dir() else str(Path(name).resolve()),
+        tokenizer_name=str(Path(path).resolve()) if Path(path).is_dir() else name,
         pad_token_id=_pad_id(config, tokenizer),
     )
     return BaseModel(info, model, tokenizer, torch.device(device), torch_dtype)

@@ -1,0 +1,185 @@
+"""`tinkerd bench api`: what the HTTP path costs, measured against the engine in-process.
+
+1. Throughput: the same SFT step (forward_backward + optim_step, 8 x 256 tokens, LoRA r32)
+   through the official SDK and a `tinkerd serve` process, vs `ModelWorker` called directly.
+2. Latency: round trips of a one-datum forward_backward + optim_step on a tiny model
+   (p50/p99), where compute is negligible and the protocol is what is measured.
+The last line printed is one JSON object with every figure.
+"""
+
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tinkerd.constants import EMBEDDED_MODEL
+
+
+@dataclass(frozen=True)
+class ApiBenchConfig:
+    model: str = EMBEDDED_MODEL
+    data_dir: Path = Path(".")
+    threads: int = 2
+    batch: int = 8
+    seq_len: int = 256
+    rank: int = 32
+    steps: int = 3
+    latency_rounds: int = 200
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server(model: str, data_dir: Path, threads: int, dtype: str) -> Iterator[str]:
+    """A `tinkerd serve` subprocess on a free loopback port; yields its base URL."""
+    import httpx
+
+    port = free_port()
+    env = dict(os.environ, TINKERD_THREADS=str(threads), TINKERD_DTYPE=dtype)
+    cmd = [sys.executable, "-m", "tinkerd.cli", "serve", "--port", str(port)]
+    cmd += ["--data-dir", str(data_dir), "--model", model]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{url}/api/v1/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"tinkerd serve did not start (exit code {proc.poll()})")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def sft_data(vocab: int, batch: int, seq_len: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, (batch, seq_len + 1), generator=gen).tolist()
+
+
+def bench_inprocess(cfg: ApiBenchConfig, seqs: list[list[int]]) -> float:
+    """Seconds per step of the worker called directly (best of `steps`)."""
+    from tinkerd.model.loading import load_base_model
+    from tinkerd.model.lora import LoraConfig
+    from tinkerd.model.optimizer import AdamParams
+    from tinkerd.model.types import Datum, ForwardBackwardInput
+    from tinkerd.model.worker import ModelWorker
+
+    base = load_base_model(cfg.model, data_dir=cfg.data_dir, dtype="bfloat16")
+    worker = ModelWorker(base, autocast_dtype=torch.bfloat16)
+    worker.add_adapter("bench", LoraConfig(rank=cfg.rank, seed=0))
+    data = [
+        Datum(s[:-1], {"target_tokens": torch.tensor(s[1:]), "weights": torch.ones(cfg.seq_len)})
+        for s in seqs
+    ]
+    item = ForwardBackwardInput("bench", data)
+    times = []
+    for _ in range(cfg.steps + 1):
+        t0 = time.perf_counter()
+        worker.forward_backward([item])
+        worker.optim_step("bench", AdamParams(learning_rate=1e-5))
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
+
+
+def bench_sdk(cfg: ApiBenchConfig, url: str, seqs: list[list[int]]) -> float:
+    """Seconds per step of the same loop through the SDK and the server (best of `steps`)."""
+    import tinker
+    from tinker import types
+
+    service = tinker.ServiceClient(base_url=url, api_key="tml-bench")
+    client = service.create_lora_training_client(base_model=cfg.model, rank=cfg.rank).result()
+    data = [
+        types.Datum(
+            model_input=types.ModelInput.from_ints(s[:-1]),
+            loss_fn_inputs={"target_tokens": s[1:], "weights": [1.0] * cfg.seq_len},
+        )
+        for s in seqs
+    ]
+    times = []
+    for _ in range(cfg.steps + 1):
+        t0 = time.perf_counter()
+        fwd_bwd = client.forward_backward(data, loss_fn="cross_entropy")
+        optim = client.optim_step(types.AdamParams(learning_rate=1e-5))
+        fwd_bwd.result()
+        optim.result()
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
+
+
+def bench_latency(cfg: ApiBenchConfig, url: str, model: str) -> list[float]:
+    """Milliseconds per one-datum forward_backward + optim_step round trip."""
+    import tinker
+    from tinker import types
+
+    service = tinker.ServiceClient(base_url=url, api_key="tml-bench")
+    client = service.create_lora_training_client(base_model=model, rank=8).result()
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(list(range(1, 17))),
+        loss_fn_inputs={"target_tokens": list(range(2, 18)), "weights": [1.0] * 16},
+    )
+    rounds = []
+    for i in range(cfg.latency_rounds + 10):
+        t0 = time.perf_counter()
+        fwd_bwd = client.forward_backward([datum], loss_fn="cross_entropy")
+        optim = client.optim_step(types.AdamParams(learning_rate=1e-4))
+        fwd_bwd.result()
+        optim.result()
+        if i >= 10:  # warm-up
+            rounds.append((time.perf_counter() - t0) * 1000)
+    return rounds
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run(cfg: ApiBenchConfig) -> dict:
+    from tinkerd.model.loading import load_base_model
+    from tinkerd.model.tiny import build_tiny_model
+
+    os.environ.setdefault("TINKER_TELEMETRY", "0")
+    torch.set_num_threads(cfg.threads)
+    vocab = load_base_model(cfg.model, data_dir=cfg.data_dir).info.vocab_size
+    seqs = sft_data(vocab, cfg.batch, cfg.seq_len)
+    tokens = cfg.batch * cfg.seq_len
+    print(f"in-process: {cfg.batch}x{cfg.seq_len}, LoRA r{cfg.rank}", flush=True)
+    t_local = bench_inprocess(cfg, seqs)
+    print("through the SDK and `tinkerd serve`", flush=True)
+    with server(cfg.model, cfg.data_dir, cfg.threads, "bfloat16") as url:
+        t_sdk = bench_sdk(cfg, url, seqs)
+    print(f"latency: {cfg.latency_rounds} one-datum round trips on a tiny model", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = str(build_tiny_model(Path(tmp) / "tiny"))
+        with server(tiny, Path(tmp) / "data", 1, "float32") as url:
+            rounds = bench_latency(cfg, url, tiny)
+    return {
+        "model": cfg.model,
+        "threads": cfg.threads,
+        "batch": f"{cfg.batch}x{cfg.seq_len}",
+        "sdk_tokens_per_s": round(tokens / t_sdk, 1),
+        "inprocess_tokens_per_s": round(tokens / t_local, 1),
+        "ratio_vs_inprocess": round(t_local / t_sdk, 3),
+        "roundtrip_p50_ms": round(statistics.median(rounds), 2),
+        "roundtrip_p99_ms": round(percentile(rounds, 0.99), 2),
+        "roundtrip_rounds": len(rounds),
+    }
