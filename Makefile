@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-all bench lint format clean
+.PHONY: install serve test test-all bench bench-api lint format clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/tinkerd bench engine
+
+bench-api: $(STAMP)
+	$(BIN)/tinkerd bench api
 
 lint: $(STAMP)
 	$(BIN)/ruff check tinkerd tests examples
