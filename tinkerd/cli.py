@@ -41,6 +41,8 @@ def serve(
 ) -> None:
     """Run the Tinker-compatible HTTP server."""
     import logging
+    import signal
+    import sys
 
     import uvicorn
 
@@ -62,6 +64,9 @@ def serve(
     typer.echo(f"tinkerd: serving {', '.join(settings.models)} at {url}")
     typer.echo(f"  export TINKER_BASE_URL={url}")
     typer.echo("  export TINKER_API_KEY=tml-local   # any key starting with tml-")
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal under the handler
+    # that was in place before it started: make that one a clean exit (status 0).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
 
 

@@ -9,8 +9,9 @@ forward/backward and sample results, JSON otherwise), store it, and wake the lon
 import json
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -296,6 +297,20 @@ class Service:
             raise ApiError(400, f"seq_id must be >= 1, got {seq_id}")
         return run
 
+    @contextmanager
+    def _rejection_skips_seq(
+        self, run: TrainingRunRecord, model_id: str, seq_id: int
+    ) -> Iterator[None]:
+        """A caller error (4xx) for a request of a known run and seq_id: the SDK has consumed
+        that seq_id and will never resend it, so let the run's sequence move past it; else
+        every later request of the run would wait for it forever."""
+        try:
+            yield
+        except (ApiError, KeyError):  # KeyError: a missing field, answered with a 400
+            if run.base_model in self.schedulers:
+                self.schedulers[run.base_model].skip(model_id, seq_id)
+            raise
+
     def forward_backward(self, user: str, body: bytes, content_encoding: str | None) -> Future:
         try:
             req = codec.decode_forward_backward(body, content_encoding)
@@ -307,10 +322,11 @@ class Service:
             req.model_id, req.data, req.loss_fn, dict(req.loss_fn_config), req.forward_only
         )
         info = scheduler.worker.info
-        try:
-            validate_input(item, info.vocab_size, info.context_length)
-        except LossInputError as exc:
-            raise ApiError(400, str(exc)) from exc
+        with self._rejection_skips_seq(run, req.model_id, req.seq_id):
+            try:
+                validate_input(item, info.vocab_size, info.context_length)
+            except LossInputError as exc:
+                raise ApiError(400, str(exc)) from exc
 
         def encode(result: object) -> tuple[bytes, str]:
             return codec.encode_forward_backward_output(result), "proto"  # type: ignore[arg-type]
@@ -330,12 +346,13 @@ class Service:
         model_id, seq_id = body["model_id"], int(body["seq_id"])
         run = self._training_target(user, model_id, seq_id)
         adam = body.get("adam_params") or {}
-        try:
-            params = AdamParams(
-                **{k: float(v) for k, v in adam.items() if k in AdamParams.__dataclass_fields__}
-            )
-        except (TypeError, ValueError) as exc:
-            raise ApiError(400, str(exc)) from exc
+        with self._rejection_skips_seq(run, model_id, seq_id):
+            try:
+                params = AdamParams(
+                    **{k: float(v) for k, v in adam.items() if k in AdamParams.__dataclass_fields__}
+                )
+            except (TypeError, ValueError) as exc:
+                raise ApiError(400, str(exc)) from exc
 
         def encode(result: object) -> tuple[bytes, str]:
             assert isinstance(result, OptimStepResult)
@@ -355,6 +372,13 @@ class Service:
     def save_weights(self, user: str, body: dict[str, Any], *, for_sampler: bool) -> Future:
         model_id, seq_id = body["model_id"], int(body["seq_id"])
         run = self._training_target(user, model_id, seq_id)
+        with self._rejection_skips_seq(run, model_id, seq_id):
+            return self._save_weights(user, body, run, for_sampler=for_sampler)
+
+    def _save_weights(
+        self, user: str, body: dict[str, Any], run: TrainingRunRecord, *, for_sampler: bool
+    ) -> Future:
+        model_id, seq_id = body["model_id"], int(body["seq_id"])
         scheduler = self.scheduler(run.base_model)
         name = body.get("path")
         kind = "save_weights_for_sampler" if for_sampler else "save_weights"
@@ -451,6 +475,14 @@ class Service:
         return tpath, rec
 
     def load_weights(self, user: str, body: dict[str, Any]) -> Future:
+        if "session_id" not in body:  # legacy load_state into an existing run (seq_id >= 1)
+            model_id, seq_id = body["model_id"], int(body["seq_id"])
+            run = self._training_target(user, model_id, seq_id)
+            with self._rejection_skips_seq(run, model_id, seq_id):
+                return self._load_weights(user, body)
+        return self._load_weights(user, body)
+
+    def _load_weights(self, user: str, body: dict[str, Any]) -> Future:
         tpath, _ = self.resolve_checkpoint(user, body["path"])
         directory = tpath.storage_dir(self.checkpoint_root)
         with_optimizer = bool(body.get("optimizer", False))

@@ -40,6 +40,13 @@ class _RunQueue:
     pending: dict[int, Op] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class _Skip:
+    """A seq_id whose submission was rejected with a 4xx. The SDK takes a seq_id before it
+    posts, so after a rejection that id never comes: the run's sequence must move past it
+    instead of waiting for it forever (`tinker-protocol.md` §6)."""
+
+
 @dataclass
 class _Slice:
     """Some datums of one forward_backward op, for one micro-batch."""
@@ -95,6 +102,19 @@ class ModelScheduler:
                     return  # already applied or already queued: never apply twice
                 queue.pending[op.seq_id] = op
             self._cv.notify_all()
+
+    def skip(self, model_id: str, seq_id: int) -> None:
+        """Mark a rejected request's seq_id as consumed (a no-op in the run's order). Does
+        nothing if that seq_id is already queued or applied."""
+        op = Op(
+            f"skip:{model_id}:{seq_id}",
+            _Skip(),  # type: ignore[arg-type]
+            lambda _: None,
+            lambda _: None,
+            model_id=model_id,
+            seq_id=seq_id,
+        )
+        self.submit(op)
 
     def resume_run(self, model_id: str, next_seq: int) -> None:
         """Declare where a run's sequence continues (e.g. seq 1 after creation)."""
@@ -223,9 +243,11 @@ class ModelScheduler:
         model_id = op.model_id
         assert model_id is not None
         try:
-            if isinstance(action, CreateAdapter):
-                self.worker.add_adapter(model_id, action.config)
+            if isinstance(action, _Skip):
                 result: object = None
+            elif isinstance(action, CreateAdapter):
+                self.worker.add_adapter(model_id, action.config)
+                result = None
             elif isinstance(action, OptimStep):
                 result = self.worker.optim_step(model_id, action.params)
             elif isinstance(action, SaveAdapter):
