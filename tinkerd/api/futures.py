@@ -1,35 +1,50 @@
-"""Long-poll support: `retrieve_future` waits on an asyncio event that the engine's thread sets.
+"""Long-poll support: `retrieve_future` waits for a wake-up that the engine's thread sends.
 
-The store is the source of truth; the hub only wakes waiters early. A waiter registers its
-event *before* reading the store, so a completion between the read and the wait is not missed.
+The store is the source of truth; the hub only wakes waiters early, handing them the finished
+record so they need not read it back. A waiter registers *before* reading the store, so a
+completion between the read and the wait is not missed.
 """
 
 import asyncio
 import threading
+from dataclasses import dataclass, field
+
+from tinkerd.store.records import FutureRecord
+
+
+@dataclass
+class Waiter:
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    record: FutureRecord | None = None  # set, with the event, when the future finishes
 
 
 class FutureHub:
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._events: dict[str, asyncio.Event] = {}
+        self._waiters: dict[str, Waiter] = {}
         self._lock = threading.Lock()
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
-    def event(self, request_id: str) -> asyncio.Event:
-        """The event that `notify(request_id)` will set (shared by all its waiters)."""
+    def waiter(self, request_id: str) -> Waiter:
+        """The waiter that `notify(request_id, ...)` will wake (shared by all its pollers)."""
         with self._lock:
-            return self._events.setdefault(request_id, asyncio.Event())
+            return self._waiters.setdefault(request_id, Waiter())
 
-    def forget(self, request_id: str, event: asyncio.Event) -> None:
+    def forget(self, request_id: str, waiter: Waiter) -> None:
         with self._lock:
-            if self._events.get(request_id) is event:
-                del self._events[request_id]
+            if self._waiters.get(request_id) is waiter:
+                del self._waiters[request_id]
 
-    def notify(self, request_id: str) -> None:
-        """Thread-safe: wake every waiter of `request_id`."""
+    def notify(self, request_id: str, record: FutureRecord) -> None:
+        """Thread-safe: wake every poller of `request_id` with its finished (stored) record."""
         with self._lock:
-            event = self._events.pop(request_id, None)
-        if event is not None and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(event.set)
+            waiter = self._waiters.pop(request_id, None)
+        if waiter is not None and self._loop is not None and not self._loop.is_closed():
+
+            def wake() -> None:
+                waiter.record = record
+                waiter.event.set()
+
+            self._loop.call_soon_threadsafe(wake)

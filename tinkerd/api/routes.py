@@ -161,7 +161,7 @@ async def retrieve_future(body: JsonBody, user: User, svc: Svc, request: Request
     loop = asyncio.get_running_loop()
     deadline = loop.time() + request.app.state.long_poll_seconds
     while True:
-        event = svc.hub.event(request_id)
+        waiter = svc.hub.waiter(request_id)
         try:
             rec = await run_in_threadpool(svc.get_future, request_id, user)
             if rec.status != "pending":
@@ -172,9 +172,11 @@ async def retrieve_future(body: JsonBody, user: User, svc: Svc, request: Request
                     {"type": "try_again", "request_id": request_id, "queue_state": "active"}
                 )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), remaining)
+                await asyncio.wait_for(waiter.event.wait(), remaining)
+            if waiter.record is not None:
+                return render_future(waiter.record)
         finally:
-            svc.hub.forget(request_id, event)
+            svc.hub.forget(request_id, waiter)
 
 
 def render_future(rec: FutureRecord) -> Response:

@@ -174,15 +174,18 @@ class Service:
                 failed(exc)
                 return
             self.store.complete_future(request_id, data, result_type)
-            self.hub.notify(request_id)
+            self.hub.notify(request_id, _finished(request_id, "complete", data, result_type))
 
         def failed(exc: Exception) -> None:
             user_error = isinstance(exc, (UserError, LossInputError, ValueError, KeyError))
             if not user_error:
                 log.exception("request %s failed", request_id, exc_info=exc)
             message = str(exc) or type(exc).__name__
-            self.store.fail_future(request_id, message, "user" if user_error else "server")
-            self.hub.notify(request_id)
+            category = "user" if user_error else "server"
+            self.store.fail_future(request_id, message, category)
+            self.hub.notify(
+                request_id, _finished(request_id, "failed", error=message, category=category)
+            )
 
         return done, failed
 
@@ -649,3 +652,25 @@ def sampling_params(d: dict[str, Any]) -> SamplingParams:
 
 def _json(data: dict[str, Any]) -> tuple[bytes, str]:
     return json.dumps(data).encode(), "json"
+
+
+def _finished(
+    request_id: str,
+    status: str,
+    result: bytes | None = None,
+    result_type: str | None = None,
+    error: str | None = None,
+    category: str | None = None,
+) -> FutureRecord:
+    """The finished future as just stored, for long-pollers (only these fields are read)."""
+    return FutureRecord(
+        request_id=request_id,
+        user="",
+        kind="",
+        request=b"",
+        status=status,
+        result=result,
+        result_type=result_type,
+        error=error,
+        category=category,
+    )
