@@ -11,17 +11,24 @@ import hashlib
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
+from tinkerd.api import schemas
 from tinkerd.api.service import ApiError, Service, not_found
 from tinkerd.checkpoints.paths import TinkerPath
 from tinkerd.checkpoints.peft_format import read_adapter_info
 from tinkerd.store.records import CheckpointRecord, FutureRecord, TrainingRunRecord
 
 router = APIRouter(prefix="/api/v1")
-JsonBody = Annotated[dict[str, Any], Body()]
+
+
+def plain(request_body: BaseModel) -> dict[str, Any]:
+    """A validated request as a plain dict for the service (fields the caller left out stay
+    out, so defaults live in one place)."""
+    return request_body.model_dump(exclude_none=True)
 
 
 def service(request: Request) -> Service:
@@ -59,12 +66,18 @@ def dynamic_config() -> dict[str, Any]:
 
 
 @router.post("/create_session")
-def create_session(body: JsonBody, user: User, svc: Svc) -> dict[str, str]:
+def create_session(
+    request_body: schemas.CreateSessionRequest, user: User, svc: Svc
+) -> dict[str, str]:
+    body = plain(request_body)
     return {"session_id": svc.create_session(user, body), "type": "create_session"}
 
 
 @router.post("/session_heartbeat")
-def session_heartbeat(body: JsonBody, user: User, svc: Svc) -> dict[str, str]:
+def session_heartbeat(
+    request_body: schemas.SessionHeartbeatRequest, user: User, svc: Svc
+) -> dict[str, str]:
+    body = plain(request_body)
     svc.session(body["session_id"], user)
     svc.store.heartbeat(body["session_id"])
     return {"type": "session_heartbeat"}
@@ -98,12 +111,14 @@ def capabilities(svc: Svc) -> dict[str, Any]:
 
 
 @router.post("/create_model")
-def create_model(body: JsonBody, user: User, svc: Svc) -> dict[str, Any]:
+def create_model(request_body: schemas.CreateModelRequest, user: User, svc: Svc) -> dict[str, Any]:
+    body = plain(request_body)
     return svc.create_model(user, body).json()
 
 
 @router.post("/get_info")
-def get_info(body: JsonBody, user: User, svc: Svc) -> dict[str, Any]:
+def get_info(request_body: schemas.GetInfoRequest, user: User, svc: Svc) -> dict[str, Any]:
+    body = plain(request_body)
     return svc.get_info(user, body["model_id"])
 
 
@@ -116,27 +131,36 @@ async def forward_backward(request: Request, user: User, svc: Svc) -> dict[str, 
 
 
 @router.post("/optim_step")
-def optim_step(body: JsonBody, user: User, svc: Svc) -> dict[str, Any]:
+def optim_step(request_body: schemas.OptimStepRequest, user: User, svc: Svc) -> dict[str, Any]:
+    body = plain(request_body)
     return svc.optim_step(user, body).json()
 
 
 @router.post("/save_weights")
-def save_weights(body: JsonBody, user: User, svc: Svc) -> dict[str, Any]:
+def save_weights(request_body: schemas.SaveWeightsRequest, user: User, svc: Svc) -> dict[str, Any]:
+    body = plain(request_body)
     return svc.save_weights(user, body, for_sampler=False).json()
 
 
 @router.post("/save_weights_for_sampler")
-def save_weights_for_sampler(body: JsonBody, user: User, svc: Svc) -> dict[str, Any]:
+def save_weights_for_sampler(
+    request_body: schemas.SaveWeightsForSamplerRequest, user: User, svc: Svc
+) -> dict[str, Any]:
+    body = plain(request_body)
     return svc.save_weights(user, body, for_sampler=True).json()
 
 
 @router.post("/load_weights")
-def load_weights(body: JsonBody, user: User, svc: Svc) -> dict[str, Any]:
+def load_weights(request_body: schemas.LoadWeightsRequest, user: User, svc: Svc) -> dict[str, Any]:
+    body = plain(request_body)
     return svc.load_weights(user, body).json()
 
 
 @router.post("/create_sampling_session")
-def create_sampling_session(body: JsonBody, user: User, svc: Svc) -> dict[str, str]:
+def create_sampling_session(
+    request_body: schemas.CreateSamplingSessionRequest, user: User, svc: Svc
+) -> dict[str, str]:
+    body = plain(request_body)
     return {
         "sampling_session_id": svc.create_sampling_session(user, body),
         "type": "create_sampling_session",
@@ -150,13 +174,17 @@ def get_sampler(sampler_id: str, user: User, svc: Svc) -> dict[str, Any]:
 
 
 @router.post("/asample")
-def asample(body: JsonBody, user: User, svc: Svc) -> dict[str, Any]:
+def asample(request_body: schemas.SampleRequest, user: User, svc: Svc) -> dict[str, Any]:
+    body = plain(request_body)
     return svc.sample(user, body).json()
 
 
 @router.post("/retrieve_future")
-async def retrieve_future(body: JsonBody, user: User, svc: Svc, request: Request) -> Response:
+async def retrieve_future(
+    request_body: schemas.RetrieveFutureRequest, user: User, svc: Svc, request: Request
+) -> Response:
     """Long-poll: answer as soon as the future finishes, or `try_again` after the poll time."""
+    body = plain(request_body)
     request_id = str(body["request_id"])
     loop = asyncio.get_running_loop()
     deadline = loop.time() + request.app.state.long_poll_seconds
@@ -265,7 +293,8 @@ def delete_checkpoint(run_id: str, checkpoint_id: str, user: User, svc: Svc) -> 
 
 
 @router.post("/weights_info")
-def weights_info(body: JsonBody, user: User, svc: Svc) -> dict[str, Any]:
+def weights_info(request_body: schemas.WeightsInfoRequest, user: User, svc: Svc) -> dict[str, Any]:
+    body = plain(request_body)
     tpath, _ = svc.resolve_checkpoint(user, body["tinker_path"])
     info = read_adapter_info(TinkerPath.storage_dir(tpath, svc.checkpoint_root))
     return {
