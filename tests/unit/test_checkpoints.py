@@ -24,38 +24,15 @@ from tinkerd.checkpoints.peft_format import (
     read_adapter_info,
     save_adapter,
 )
+from tinkerd.engine.adapter_files import to_saved, to_state
 from tinkerd.model.loading import BaseModel, load_base_model
 from tinkerd.model.lora import LoraConfig, segments_for
 from tinkerd.model.optimizer import AdamParams
 from tinkerd.model.types import Datum, ForwardBackwardInput
-from tinkerd.model.worker import AdapterState, ModelWorker
+from tinkerd.model.worker import ModelWorker
 
 REPO = Path(__file__).resolve().parents[2]
 TEXTS = ["hello world, this is a test", "checkpoints must round-trip exactly!"]
-
-
-# --- mapping between the model layer and the checkpoints layer (what the engine does) ---------
-
-
-def to_saved(state: AdapterState, base_model: str) -> SavedAdapter:
-    cfg = state.config
-    info = AdapterInfo(
-        rank=cfg.rank,
-        alpha=cfg.alpha,
-        target_modules=tuple(state.target_modules),
-        base_model=base_model,
-        train_attn=cfg.train_attn,
-        train_mlp=cfg.train_mlp,
-        train_unembed=cfg.train_unembed,
-        seed=cfg.seed,
-    )
-    return SavedAdapter(info, state.weights, state.optimizer)
-
-
-def to_state(saved: SavedAdapter) -> AdapterState:
-    i = saved.info
-    config = LoraConfig(i.rank, i.alpha, i.seed, i.train_attn, i.train_mlp, i.train_unembed)
-    return AdapterState(config, list(i.target_modules), saved.weights, saved.optimizer)
 
 
 # --- helpers ------------------------------------------------------------------------------------

@@ -7,10 +7,7 @@ from tinkerd.model.lora import LoraConfig
 from tinkerd.model.worker import AdapterState
 
 
-def write_adapter(
-    directory: Path, state: AdapterState, base_model: str, *, overwrite: bool = False
-) -> int:
-    """Save in PEFT format (optimizer state beside it when present); returns bytes written."""
+def to_saved(state: AdapterState, base_model: str) -> SavedAdapter:
     cfg = state.config
     info = AdapterInfo(
         rank=cfg.rank,
@@ -22,14 +19,21 @@ def write_adapter(
         train_unembed=cfg.train_unembed,
         seed=cfg.seed,
     )
-    return save_adapter(
-        directory, SavedAdapter(info, state.weights, state.optimizer), overwrite=overwrite
-    )
+    return SavedAdapter(info, state.weights, state.optimizer)
+
+
+def to_state(saved: SavedAdapter) -> AdapterState:
+    i = saved.info
+    config = LoraConfig(i.rank, i.alpha, i.seed, i.train_attn, i.train_mlp, i.train_unembed)
+    return AdapterState(config, list(i.target_modules), saved.weights, saved.optimizer)
+
+
+def write_adapter(
+    directory: Path, state: AdapterState, base_model: str, *, overwrite: bool = False
+) -> int:
+    """Save in PEFT format (optimizer state beside it when present); returns bytes written."""
+    return save_adapter(directory, to_saved(state, base_model), overwrite=overwrite)
 
 
 def read_adapter(directory: Path, *, with_optimizer: bool) -> AdapterState:
-    saved = load_adapter(directory, with_optimizer=with_optimizer)
-    i = saved.info
-    config = LoraConfig(i.rank, i.alpha, i.seed, i.train_attn, i.train_mlp, i.train_unembed)
-    optimizer = saved.optimizer if with_optimizer else None
-    return AdapterState(config, list(i.target_modules), saved.weights, optimizer)
+    return to_state(load_adapter(directory, with_optimizer=with_optimizer))
