@@ -86,6 +86,54 @@ def prepare_model(
         typer.echo(json.dumps(base.info.__dict__))
 
 
+@app.command("tokenizer-cache")
+def tokenizer_cache(
+    model: Annotated[
+        list[str] | None,
+        typer.Option(help="Served model name (repeatable) [default: every served model]"),
+    ] = None,
+    data_dir: DataDirOption = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="HF hub cache to write into [default: huggingface_hub's: HF_HUB_CACHE, "
+            "else HF_HOME/hub, else ~/.cache/huggingface/hub]",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Write each served model's tokenizer into the local HF hub cache, so that clients'
+    `AutoTokenizer.from_pretrained(NAME)` works with HF_HUB_OFFLINE=1."""
+    from tinkerd.model.tokenizer_cache import (
+        default_hub_cache,
+        source_for_model,
+        write_tokenizer_cache,
+    )
+
+    settings = _settings(data_dir=data_dir, models=model)
+    cache = (cache_dir or default_hub_cache()).resolve()
+    failed = False
+    for name in settings.models:
+        try:
+            source = source_for_model(name, settings.data_dir)
+        except FileNotFoundError as exc:
+            typer.echo(f"{name}: {exc}", err=True)
+            failed = True
+            continue
+        if source is None:
+            typer.echo(f"{name}: a local directory; clients load it by that path, nothing to do")
+            continue
+        if source.resolve().is_relative_to(cache):
+            typer.echo(f"{name}: already in {cache} ({source})")
+            continue
+        written = write_tokenizer_cache(name, source, cache)
+        state = "wrote" if written.changed else "up to date"
+        typer.echo(f"{name}: {state} {written.snapshot_dir} ({', '.join(written.files)})")
+    typer.echo(f"clients: HF_HUB_CACHE={cache} HF_HUB_OFFLINE=1 (or copy that folder to theirs)")
+    if failed:
+        raise typer.Exit(1)
+
+
 @bench_app.command("engine")
 def bench_engine(
     model: Annotated[str | None, typer.Option(help="Model name or path")] = None,
