@@ -467,6 +467,172 @@ def test_encode_sample_response_validates() -> None:
         codec.encode_sample_response(bad, prompt_logprobs_requested=False, topk_prompt_k=0)
 
 
+def test_encode_sample_response_topk_sampled_logprobs() -> None:
+    """Per-sequence top-k rows decode through the SDK as `topk_logprobs`; rows shorter than k
+    are padded with sentinels, which the SDK strips; not sent unless asked for."""
+    out = SampleOutput(
+        sequences=[
+            SampledSequence(
+                tokens=[3, 4],
+                logprobs=[-0.5, -1.0],
+                stop_reason="length",
+                topk_logprobs=[[(3, -0.5), (7, -1.5), (8, -2.5)], [(9, -0.25)]],
+            ),
+            SampledSequence(
+                tokens=[5],
+                logprobs=[-0.125],
+                stop_reason="stop",
+                topk_logprobs=[[(5, -0.125), (6, -3.0)]],
+            ),
+        ]
+    )
+    got = response_conv.deserialize_sample_response(
+        codec.encode_sample_response(
+            out, prompt_logprobs_requested=False, topk_prompt_k=0, topk_sample_k=2
+        )
+    )
+    assert got.sequences[0].topk_logprobs == [[(3, -0.5), (7, -1.5)], [(9, -0.25)]]
+    assert got.sequences[1].topk_logprobs == [[(5, -0.125), (6, -3.0)]]
+    np_topk = got.sequences[0].topk_logprobs_np
+    assert np_topk is not None and np_topk.token_ids.shape == (2, 2)
+    plain = response_conv.deserialize_sample_response(
+        codec.encode_sample_response(out, prompt_logprobs_requested=False, topk_prompt_k=0)
+    )
+    assert plain.sequences[0].topk_logprobs is None
+    bad = SampleOutput(
+        sequences=[
+            SampledSequence(
+                tokens=[1, 2], logprobs=[0.0, 0.0], stop_reason="stop", topk_logprobs=[[(1, 0.0)]]
+            )
+        ]
+    )
+    with pytest.raises(ValueError, match="top-k row per token"):
+        codec.encode_sample_response(
+            bad, prompt_logprobs_requested=False, topk_prompt_k=0, topk_sample_k=1
+        )
+
+
+def _sdk_sample_body(target: Any) -> dict[str, Any]:
+    req = T.SampleRequest(
+        prompt=T.ModelInput.from_ints([1, 2, 3, 4, 5]),
+        sampling_params=T.SamplingParams(max_tokens=1),
+        sampling_session_id="s:sample:0",
+        target_prompt_logprobs=_tensor_data_to_model(target),
+    )
+    return sdk_json(req)
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "csr"])
+def test_target_prompt_logprobs_round_trip(sparse: bool) -> None:
+    """SDK request tensor -> our ids (+ layout) -> our response -> the SDK's decoder: same
+    shape and layout, the logprobs in the named cells, 0.0 in the placeholders."""
+    ids = torch.full((4, 3), -1, dtype=torch.int64)
+    ids[0, 1] = 7
+    ids[2, 0] = 9
+    ids[3, 2] = 11
+    td = (
+        T.TensorData.from_torch_sparse(ids, pad_value=-1)
+        if sparse
+        else T.TensorData.from_torch(ids)
+    )
+    body = _sdk_sample_body(td)
+    schemas.SampleRequest.model_validate(body)
+    got_ids, layout = codec.target_prompt_ids(body["target_prompt_logprobs"])
+    assert torch.equal(got_ids, ids)
+    assert (layout is not None) == sparse
+    values = torch.where(ids >= 0, -ids.float() / 4, torch.zeros(()))
+    out = SampleOutput(
+        sequences=[SampledSequence([1], [-0.5], "length")], target_prompt_logprobs=values
+    )
+    resp = response_conv.deserialize_sample_response(
+        codec.encode_sample_response(
+            out, prompt_logprobs_requested=False, topk_prompt_k=0, target_layout=layout
+        )
+    )
+    tpl = resp.target_prompt_logprobs
+    assert tpl is not None and tpl.dtype == "float32" and tpl.shape == [4, 3]
+    assert (tpl.sparse_crow_indices is not None) == sparse
+    if sparse:
+        assert tpl.sparse_crow_indices == td.sparse_crow_indices
+        assert tpl.sparse_col_indices == td.sparse_col_indices
+        assert list(tpl.data) == [-1.75, -2.25, -2.75]
+    assert torch.equal(tpl.to_torch(), values)
+
+
+def test_target_prompt_logprobs_csr_listing_minus_one() -> None:
+    """A CSR cell that lists -1 explicitly is a placeholder: 0.0 in the same cell."""
+    layout = codec.CsrLayout(np.array([0, 2, 2]), np.array([0, 1]))
+    values = torch.tensor([[-0.5, 0.0], [0.0, 0.0]])
+    out = SampleOutput(sequences=[], target_prompt_logprobs=values)
+    resp = response_conv.deserialize_sample_response(
+        codec.encode_sample_response(
+            out, prompt_logprobs_requested=False, topk_prompt_k=0, target_layout=layout
+        )
+    )
+    assert resp.target_prompt_logprobs is not None
+    assert list(resp.target_prompt_logprobs.data) == [-0.5, 0.0]
+    assert resp.target_prompt_logprobs.sparse_crow_indices == [0, 2, 2]
+
+
+@pytest.mark.parametrize(
+    ("d", "match"),
+    [
+        ({"data": [1.0], "dtype": "float32", "shape": [1, 1]}, "must be an int64 tensor"),
+        ({"data": [1, 2], "dtype": "int64", "shape": [2]}, "must be 2-D"),
+        ({"data": [1, 2], "dtype": "int64"}, "must be 2-D"),
+        ({"data": [1, 2], "dtype": "int64", "shape": [3, 1]}, "does not match"),
+        (
+            {
+                "data": [1],
+                "dtype": "int64",
+                "shape": [2, 2],
+                "sparse_crow_indices": [0, 1, 1],
+                "sparse_col_indices": [5],
+            },
+            "col_indices out of range",
+        ),
+        ("nope", "must be an object"),
+    ],
+)
+def test_target_prompt_ids_errors(d: Any, match: str) -> None:
+    with pytest.raises(CodecError, match=match) as info:
+        codec.target_prompt_ids(d)
+    assert "target_prompt_logprobs" in str(info.value)
+
+
+def test_encode_prompt_alt_tokens() -> None:
+    """Dense [len(prompt) - 1, k] int64 tokens and float32 logprobs; empty ones still arrive
+    (the SDK fails if prompt_alt_tokens_k > 0 and the field is missing)."""
+    tokens = torch.tensor([[1, 2], [3, 4], [5, 6]])
+    lps = torch.tensor([[-0.5, -1.0], [-1.5, -2.0], [-2.5, -3.0]])
+    out = SampleOutput(sequences=[], prompt_alt_tokens=tokens, prompt_alt_logprobs=lps)
+    resp = response_conv.deserialize_sample_response(
+        codec.encode_sample_response(out, prompt_logprobs_requested=False, topk_prompt_k=0)
+    )
+    alt = resp.prompt_alt_tokens
+    assert alt is not None
+    assert alt.tokens.dtype == "int64" and alt.tokens.shape == [3, 2]
+    assert alt.logprobs.dtype == "float32" and alt.logprobs.shape == [3, 2]
+    assert torch.equal(alt.tokens.to_torch(), tokens)
+    assert torch.equal(alt.logprobs.to_torch(), lps)
+    empty = SampleOutput(
+        sequences=[],
+        prompt_alt_tokens=torch.zeros((0, 4), dtype=torch.int64),
+        prompt_alt_logprobs=torch.zeros((0, 4)),
+    )
+    resp = response_conv.deserialize_sample_response(
+        codec.encode_sample_response(empty, prompt_logprobs_requested=False, topk_prompt_k=0)
+    )
+    assert resp.prompt_alt_tokens is not None
+    assert resp.prompt_alt_tokens.tokens.shape == [0, 4]
+    none = response_conv.deserialize_sample_response(
+        codec.encode_sample_response(
+            SampleOutput(sequences=[]), prompt_logprobs_requested=False, topk_prompt_k=0
+        )
+    )
+    assert none.prompt_alt_tokens is None and none.target_prompt_logprobs is None
+
+
 # --------------------------------------------------------------------------------------------
 # JSON helpers
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tinkerd.model import sampling
 from tinkerd.model.loading import load_base_model
 from tinkerd.model.lora import LoraConfig, segments_for
 from tinkerd.model.optimizer import AdamParams
@@ -585,3 +586,306 @@ def test_invalid_sample_inputs_are_rejected(
 def test_unknown_adapter_is_rejected(worker: ModelWorker) -> None:
     with pytest.raises(KeyError):
         worker.validate_sample(SampleInput("no-such-adapter", [1, 2], SamplingParams()))
+
+
+# --------------------------------------------------------------------------------------------
+# Extras: topk_sample_logprobs, target_prompt_logprobs, prompt_alt_tokens, prompt_logprobs_last_n
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
+def test_topk_sample_logprobs_match_full_forward(worker: ModelWorker, temperature: float) -> None:
+    """Per sampled token: the top K of the distribution its logprob comes from
+    (softmax(logits / T), pre-truncation; T = 0 reports T = 1), from a full recompute."""
+    k = 6
+    prompt = _prompt(7, seed=300)
+    params = SamplingParams(5, temperature, top_k=3, stop=NEVER, seed=4)
+    seq = _one(worker, SampleInput("a", prompt, params, topk_sample_logprobs=k))
+    assert seq.topk_logprobs is not None and len(seq.topk_logprobs) == len(seq.tokens) == 5
+    logits = _completion_logits(worker, "a", prompt, seq.tokens)
+    scaled = logits / temperature if temperature > 0 else logits
+    full = torch.log_softmax(scaled, -1)
+    for pos, (token, lp, entries) in enumerate(
+        zip(seq.tokens, seq.logprobs, seq.topk_logprobs, strict=True)
+    ):
+        ids = [t for t, _ in entries]
+        lps = [v for _, v in entries]
+        ref = torch.topk(full[pos], k)
+        assert ids == ref.indices.tolist()
+        torch.testing.assert_close(torch.tensor(lps), ref.values, atol=1e-4, rtol=0)
+        assert lps[0] >= lp - 1e-6
+        assert token in ids  # top_k=3 < K: the drawn token is always among them
+        assert lps[ids.index(token)] == pytest.approx(lp, abs=1e-5)
+
+
+def test_topk_sample_logprobs_off_and_clamped(worker: ModelWorker) -> None:
+    """Absent unless asked for; K above the vocabulary gives the whole (sorted) vocabulary."""
+    prompt = _prompt(4, seed=301)
+    off = _one(worker, SampleInput(None, prompt, SamplingParams(2, 1.0, seed=1)))
+    assert off.topk_logprobs is None
+    vocab = worker.info.vocab_size
+    seq = _one(
+        worker,
+        SampleInput(None, prompt, SamplingParams(2, 1.0, seed=1), topk_sample_logprobs=vocab + 5),
+    )
+    assert seq.tokens == off.tokens  # asking for top-k does not change the draws
+    assert seq.topk_logprobs is not None
+    for entries in seq.topk_logprobs:
+        assert len(entries) == vocab
+        assert sum(torch.tensor([v for _, v in entries]).exp().tolist()) == pytest.approx(1, 1e-4)
+
+
+def test_target_prompt_logprobs_match_full_forward(worker: ModelWorker) -> None:
+    """Cell [i, j] is the temperature-1 logprob of id target[i, j] at prompt position i + 1;
+    -1 cells are 0.0; batched with other requests and adapters."""
+    vocab = worker.info.vocab_size
+    items = []
+    for i, ad in enumerate(["b", None, "a"]):
+        prompt = _prompt(5 + 4 * i, seed=310 + i)
+        gen = torch.Generator().manual_seed(i)
+        target = torch.randint(0, vocab, (len(prompt) - 1, 3), generator=gen)
+        target[:, 0] = torch.tensor(prompt[1:])  # the actual tokens: equals prompt logprobs
+        target[0, :] = -1  # an unrequested first row
+        target[-1, 1] = -1
+        params = SamplingParams(2, 0.9, seed=i)
+        items.append(SampleInput(ad, prompt, params, prompt_logprobs=True))
+        items[-1].target_prompt_logprobs = target
+    outputs = worker.sample(items)
+    for item, out in zip(items, outputs, strict=True):
+        target = item.target_prompt_logprobs
+        assert target is not None and out.target_prompt_logprobs is not None
+        got = out.target_prompt_logprobs
+        assert got.shape == target.shape and got.dtype == torch.float32
+        full = torch.log_softmax(_full_logits(worker, item.adapter_id, item.prompt), -1)[:-1]
+        ref = full.gather(1, target.clamp(min=0))
+        ref = torch.where(target >= 0, ref, torch.zeros_like(ref))
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+        assert (got[target == -1] == 0).all()
+        assert out.prompt_logprobs is not None
+        torch.testing.assert_close(
+            got[1:, 0], torch.tensor(out.prompt_logprobs[2:]), atol=1e-5, rtol=0
+        )
+
+
+def _alt_item(prompt: list[int], temperature: float, seed: int | None, k: int = 4) -> SampleInput:
+    return SampleInput(
+        "a", prompt, SamplingParams(1, temperature, seed=seed), prompt_alt_tokens_k=k
+    )
+
+
+def test_prompt_alt_tokens_logprobs_and_seed(worker: ModelWorker) -> None:
+    """[len(prompt) - 1, K] draws; each logprob is the draw's logprob under
+    softmax(logits / T) at that position; the same seed gives the same draws (alone or
+    batched), another seed or none other draws."""
+    prompt = _prompt(9, seed=320)
+    k, temperature = 4, 0.8
+    (out,) = worker.sample([_alt_item(prompt, temperature, seed=5, k=k)])
+    tokens, lps = out.prompt_alt_tokens, out.prompt_alt_logprobs
+    assert tokens is not None and lps is not None
+    assert tokens.shape == lps.shape == (len(prompt) - 1, k)
+    assert tokens.dtype == torch.int64 and lps.dtype == torch.float32
+    full = torch.log_softmax(_full_logits(worker, "a", prompt)[:-1] / temperature, -1)
+    torch.testing.assert_close(lps, full.gather(1, tokens), atol=1e-4, rtol=0)
+    assert len(set(tokens.flatten().tolist())) > k  # real draws, not one token repeated
+
+    other = SampleInput(None, _prompt(20, seed=321), SamplingParams(3, 1.0, seed=1))
+    _, again = worker.sample([other, _alt_item(prompt, temperature, seed=5, k=k)])
+    assert again.prompt_alt_tokens is not None
+    assert torch.equal(again.prompt_alt_tokens, tokens)
+    (reseeded,) = worker.sample([_alt_item(prompt, temperature, seed=6, k=k)])
+    assert not torch.equal(reseeded.prompt_alt_tokens, tokens)
+    (unseeded,) = worker.sample([_alt_item(prompt, temperature, seed=None, k=k)])
+    assert not torch.equal(unseeded.prompt_alt_tokens, tokens)
+
+
+def test_prompt_alt_tokens_follow_the_distribution(worker: ModelWorker) -> None:
+    """Many draws at one position: empirical frequencies approach softmax(logits / T)."""
+    prompt = _prompt(3, seed=322)
+    temperature, k = 1.5, 4000
+    (out,) = worker.sample([_alt_item(prompt, temperature, seed=9, k=k)])
+    assert out.prompt_alt_tokens is not None
+    probs = torch.softmax(_full_logits(worker, "a", prompt)[1] / temperature, -1)
+    counts = torch.bincount(out.prompt_alt_tokens[1], minlength=probs.shape[0]).float() / k
+    assert (counts - probs).abs().max() < 0.03  # ~5 sigma for p ~ 0.1 at n = 4000
+    assert 0.5 * (counts - probs).abs().sum() < 0.15
+
+
+def test_prompt_alt_tokens_greedy_and_short_prompt(worker: ModelWorker) -> None:
+    """Temperature 0: the argmax K times with its temperature-1 logprob; a one-token
+    prompt gives empty [0, K] tensors."""
+    prompt = _prompt(6, seed=323)
+    (out,) = worker.sample([_alt_item(prompt, 0.0, seed=None, k=3)])
+    full = torch.log_softmax(_full_logits(worker, "a", prompt)[:-1], -1)
+    best = full.argmax(-1, keepdim=True).expand(-1, 3)
+    assert out.prompt_alt_tokens is not None and out.prompt_alt_logprobs is not None
+    assert torch.equal(out.prompt_alt_tokens, best)
+    torch.testing.assert_close(out.prompt_alt_logprobs, full.gather(1, best), atol=1e-4, rtol=0)
+    (one,) = worker.sample([_alt_item([65], 1.0, seed=1, k=3)])
+    assert one.prompt_alt_tokens is not None and one.prompt_alt_tokens.shape == (0, 3)
+
+
+@pytest.mark.parametrize("last_n", [1, 3, 7])
+def test_prompt_logprobs_last_n(worker: ModelWorker, last_n: int) -> None:
+    """Only the last N prompt positions are scored (earlier None), for prompt_logprobs and
+    topk_prompt_logprobs; the scored ones equal the full run's."""
+    prompt = _prompt(8, seed=330)
+    params = SamplingParams(2, 1.0, seed=3)
+    full, part = worker.sample(
+        [
+            SampleInput("b", prompt, params, prompt_logprobs=True, topk_prompt_logprobs=3),
+            SampleInput(
+                "b",
+                prompt,
+                params,
+                prompt_logprobs=True,
+                topk_prompt_logprobs=3,
+                prompt_logprobs_last_n=last_n,
+            ),
+        ]
+    )
+    assert part.prompt_logprobs is not None and part.topk_prompt_logprobs is not None
+    assert full.prompt_logprobs is not None and full.topk_prompt_logprobs is not None
+    n = len(prompt)
+    assert len(part.prompt_logprobs) == len(part.topk_prompt_logprobs) == n
+    assert part.prompt_logprobs[: n - last_n] == [None] * (n - last_n)
+    assert part.topk_prompt_logprobs[: n - last_n] == [None] * (n - last_n)
+    assert part.prompt_logprobs[n - last_n :] == pytest.approx(full.prompt_logprobs[n - last_n :])
+    tail = n - last_n
+    for got, ref in zip(
+        part.topk_prompt_logprobs[tail:], full.topk_prompt_logprobs[tail:], strict=True
+    ):
+        assert got is not None and ref is not None
+        assert [t for t, _ in got] == [t for t, _ in ref]
+    assert part.sequences[0].tokens == full.sequences[0].tokens
+
+
+def test_extras_do_not_change_sampling(worker: ModelWorker) -> None:
+    """Asking for every extra leaves the seeded sampled tokens and logprobs as they were."""
+    prompt = _prompt(6, seed=340)
+    params = SamplingParams(6, 1.0, stop=NEVER, seed=8)
+    plain = _one(worker, SampleInput("a", prompt, params, num_samples=1))
+    target = torch.full((len(prompt) - 1, 2), -1)
+    target[-1, 0] = 3
+    extra = SampleInput(
+        "a",
+        prompt,
+        params,
+        prompt_logprobs=True,
+        topk_prompt_logprobs=2,
+        topk_sample_logprobs=2,
+        target_prompt_logprobs=target,
+        prompt_alt_tokens_k=2,
+        prompt_logprobs_last_n=2,
+    )
+    seq = _one(worker, extra)
+    assert seq.tokens == plain.tokens
+    assert seq.logprobs == pytest.approx(plain.logprobs, abs=1e-6)
+
+
+def _target(rows: int, k: int = 2) -> torch.Tensor:
+    t = torch.full((rows, k), -1, dtype=torch.int64)
+    t[0, 0] = 5
+    return t
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"topk_sample_logprobs": -1}, "topk_sample_logprobs must be >= 0"),
+        ({"topk_sample_logprobs": 1 << 20, "num_samples": 8}, "topk_sample_logprobs=1048576"),
+        ({"prompt_alt_tokens_k": -2}, "prompt_alt_tokens_k must be >= 0"),
+        ({"prompt_alt_tokens_k": 1 << 21}, "prompt_alt_tokens_k=2097152"),
+        ({"topk_prompt_logprobs": 1 << 21}, "topk_prompt_logprobs=2097152"),
+        ({"prompt_logprobs_last_n": 1}, "prompt_logprobs_last_n requires prompt_logprobs"),
+        (
+            {"prompt_logprobs": True, "prompt_logprobs_last_n": 0},
+            "prompt_logprobs_last_n must be between 1 and len(prompt) - 1 = 2, got 0",
+        ),
+        (
+            {"prompt_logprobs": True, "prompt_logprobs_last_n": 3},
+            "prompt_logprobs_last_n must be between 1 and len(prompt) - 1 = 2, got 3",
+        ),
+        (
+            {"prompt": [1], "prompt_logprobs": True, "prompt_logprobs_last_n": 1},
+            "prompt_logprobs_last_n must be between 1 and len(prompt) - 1 = 0",
+        ),
+        (
+            {"target_prompt_logprobs": _target(2).float()},
+            "target_prompt_logprobs must be an int64",
+        ),
+        ({"target_prompt_logprobs": _target(3)}, "target_prompt_logprobs must have shape"),
+        (
+            {"target_prompt_logprobs": torch.full((2, 0), -1)},
+            "target_prompt_logprobs must have shape",
+        ),
+        (
+            {"target_prompt_logprobs": torch.tensor([5, 6])},
+            "target_prompt_logprobs must have shape",
+        ),
+        (
+            {"target_prompt_logprobs": torch.full((2, 2), -1)},
+            "target_prompt_logprobs names no token id",
+        ),
+        (
+            {"target_prompt_logprobs": torch.tensor([[5, 320], [-1, -1]])},
+            "target_prompt_logprobs has ids outside [0, 320)",
+        ),
+        (
+            {"target_prompt_logprobs": torch.tensor([[5, -2], [-1, -1]])},
+            "target_prompt_logprobs has ids outside",
+        ),
+    ],
+)
+def test_invalid_sample_extras_are_rejected(
+    worker: ModelWorker, change: dict, message: str
+) -> None:
+    fields = {"adapter_id": None, "prompt": [1, 2, 3], "params": SamplingParams(), **change}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        worker.validate_sample(SampleInput(**fields))
+
+
+def test_target_prompt_logprobs_cost_is_bounded(
+    worker: ModelWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """len(prompt) x distinct ids is bounded like a top-k width."""
+    monkeypatch.setattr(sampling, "MAX_OUTPUT_CELLS", 8)
+    item = SampleInput(None, [1, 2, 3], SamplingParams(), target_prompt_logprobs=_target(2))
+    worker.validate_sample(item)  # 1 distinct id x 3 tokens
+    item.target_prompt_logprobs = torch.tensor([[5, 6], [7, -1]])
+    with pytest.raises(ValueError, match=re.escape("3 distinct ids x 3 prompt tokens exceeds 8")):
+        worker.validate_sample(item)
+
+
+def test_extras_across_prompt_chunks(worker: ModelWorker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With tiny unembedding chunks (3 positions), last_n, target and alt-token outputs line
+    up with the full forward across chunk boundaries."""
+    monkeypatch.setattr(sampling, "PROMPT_CHUNK", 3)
+    prompt = _prompt(12, seed=350)
+    target = torch.full((len(prompt) - 1, 2), -1)
+    target[4:, 0] = torch.tensor(prompt[5:])
+    target[7, 1] = 9
+    item = SampleInput(
+        "b",
+        prompt,
+        SamplingParams(1, 0.9, seed=2),
+        prompt_logprobs=True,
+        topk_prompt_logprobs=2,
+        target_prompt_logprobs=target,
+        prompt_alt_tokens_k=3,
+        prompt_logprobs_last_n=5,
+    )
+    (out,) = worker.sample([item])
+    logits = _full_logits(worker, "b", prompt)[:-1]
+    full = torch.log_softmax(logits, -1)
+    assert out.prompt_logprobs is not None and out.topk_prompt_logprobs is not None
+    assert out.prompt_logprobs[:7] == [None] * 7
+    ref = full.gather(1, torch.tensor(prompt[1:]).unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(torch.tensor(out.prompt_logprobs[7:]), ref[6:], atol=1e-4, rtol=0)
+    assert [row[0][0] for row in out.topk_prompt_logprobs[7:]] == full[6:].argmax(-1).tolist()
+    want = torch.where(target >= 0, full.gather(1, target.clamp(min=0)), torch.zeros(()))
+    assert out.target_prompt_logprobs is not None
+    torch.testing.assert_close(out.target_prompt_logprobs, want, atol=1e-4, rtol=0)
+    assert out.prompt_alt_tokens is not None and out.prompt_alt_logprobs is not None
+    scaled = torch.log_softmax(logits / 0.9, -1)
+    torch.testing.assert_close(
+        out.prompt_alt_logprobs, scaled.gather(1, out.prompt_alt_tokens), atol=1e-4, rtol=0
+    )

@@ -285,6 +285,35 @@ def tensor_from_json(
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
+@dataclass(frozen=True)
+class CsrLayout:
+    """The sparse layout of a request tensor, reused for its response (same cells)."""
+
+    crow_indices: np.ndarray
+    col_indices: np.ndarray
+
+
+def target_prompt_ids(d: Mapping[str, Any]) -> tuple[torch.Tensor, CsrLayout | None]:
+    """`target_prompt_logprobs` of /asample: a 2-D int64 TensorData, dense or CSR (unlisted
+    cells are -1, "no request"). Returns the dense ids and the CSR layout if it had one."""
+    what = "target_prompt_logprobs"
+    if not isinstance(d, Mapping):
+        raise CodecError(f"{what} must be an object")
+    if d.get("dtype") != "int64":
+        raise CodecError(f"{what} must be an int64 tensor of token ids, got {d.get('dtype')!r}")
+    shape = d.get("shape")
+    if not isinstance(shape, list) or len(shape) != 2:
+        raise CodecError(f"{what} must be 2-D, [len(prompt) - 1, K], got shape {shape!r}")
+    ids = tensor_from_json(d, pad_value=-1, what=what)
+    layout = None
+    if d.get("sparse_crow_indices") is not None:
+        layout = CsrLayout(
+            np.asarray(d["sparse_crow_indices"], dtype=np.int64),
+            np.asarray(d["sparse_col_indices"], dtype=np.int64),
+        )
+    return ids, layout
+
+
 def model_input_tokens(d: Mapping[str, Any]) -> list[int]:
     """Token ids of a ModelInput JSON: the `encoded_text` chunks concatenated in order."""
     if not isinstance(d, Mapping) or not isinstance(d.get("chunks"), list):
@@ -394,14 +423,38 @@ def _encode_topk(rows: list[list[tuple[int, float]] | None], k: int, target: Any
     target.length = len(rows)
 
 
+def _fill_tensor(target: Any, t: torch.Tensor, layout: CsrLayout | None = None) -> None:
+    """Fill a proto `Tensor` from a 2-D tensor, dense or (given a layout) CSR with the
+    layout's cells."""
+    wire = _wire_dtype(t.dtype)
+    target.dtype = wire
+    target.shape.extend(t.shape)
+    if layout is None:
+        target.dense = _tensor_bytes(t)
+        return
+    rows = np.repeat(np.arange(t.shape[0]), np.diff(layout.crow_indices))
+    values = t.detach().cpu()[torch.from_numpy(rows), torch.from_numpy(layout.col_indices)]
+    target.sparse_csr.values = _tensor_bytes(values)
+    target.sparse_csr.crow_indices = layout.crow_indices.astype("<i8").tobytes()
+    target.sparse_csr.col_indices = layout.col_indices.astype("<i8").tobytes()
+
+
 def encode_sample_response(
-    out: SampleOutput, *, prompt_logprobs_requested: bool, topk_prompt_k: int
+    out: SampleOutput,
+    *,
+    prompt_logprobs_requested: bool,
+    topk_prompt_k: int,
+    topk_sample_k: int = 0,
+    target_layout: CsrLayout | None = None,
 ) -> bytes:
     """Encode a SampleOutput as `tinker_public.SampleResponse` bytes.
 
     Logprobs are always sent (RL code relies on them). Prompt logprobs are sent only when
     requested, NaN where unscored (the SDK turns NaN into None); top-k prompt rows that are None
-    (position 0) become all-sentinel rows, which the SDK turns back into None.
+    (position 0) become all-sentinel rows, which the SDK turns back into None. Per-token top-k
+    sampled logprobs are sent when `topk_sample_k > 0`. `target_prompt_logprobs` (float32) is
+    sent with the request's shape, and CSR with the request's cells when `target_layout` is
+    given; `prompt_alt_tokens` as dense int64 tokens and float32 logprobs.
     """
     msg = proto.SampleResponse()
     for seq in out.sequences:
@@ -409,16 +462,26 @@ def encode_sample_response(
             raise ValueError("a sampled sequence needs one logprob per token")
         if seq.stop_reason not in ("stop", "length"):
             raise ValueError(f"unknown stop_reason {seq.stop_reason!r}")
-        msg.sequences.add(
+        seq_msg = msg.sequences.add(
             stop_reason=(
                 proto.STOP_REASON_STOP if seq.stop_reason == "stop" else proto.STOP_REASON_LENGTH
             ),
             tokens=np.asarray(seq.tokens, dtype="<i4").tobytes(),
             logprobs=np.asarray(seq.logprobs, dtype="<f4").tobytes(),
         )
+        if topk_sample_k > 0 and seq.topk_logprobs is not None:
+            if len(seq.topk_logprobs) != len(seq.tokens):
+                raise ValueError("a sampled sequence needs one top-k row per token")
+            rows: list[list[tuple[int, float]] | None] = list(seq.topk_logprobs)
+            _encode_topk(rows, topk_sample_k, seq_msg.topk_sampled_logprobs)
     if prompt_logprobs_requested and out.prompt_logprobs is not None:
         values = [math.nan if v is None else v for v in out.prompt_logprobs]
         msg.prompt_logprobs = np.asarray(values, dtype="<f4").tobytes()
     if topk_prompt_k > 0 and out.topk_prompt_logprobs is not None:
         _encode_topk(out.topk_prompt_logprobs, topk_prompt_k, msg.topk_prompt_logprobs)
+    if out.target_prompt_logprobs is not None:
+        _fill_tensor(msg.target_prompt_logprobs, out.target_prompt_logprobs.float(), target_layout)
+    if out.prompt_alt_tokens is not None and out.prompt_alt_logprobs is not None:
+        _fill_tensor(msg.prompt_alt_tokens.tokens, out.prompt_alt_tokens.long())
+        _fill_tensor(msg.prompt_alt_tokens.logprobs, out.prompt_alt_logprobs.float())
     return msg.SerializeToString()

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel
 
 from tinkerd.api import schemas
@@ -150,6 +150,14 @@ def save_weights_for_sampler(
     return svc.save_weights(user, body, for_sampler=True).json()
 
 
+@router.post("/save_weights_external")
+def save_weights_external(
+    request_body: schemas.SaveWeightsExternalRequest, user: User, svc: Svc
+) -> dict[str, Any]:
+    body = plain(request_body)
+    return svc.save_weights_external(user, body).json()
+
+
 @router.post("/load_weights")
 def load_weights(request_body: schemas.LoadWeightsRequest, user: User, svc: Svc) -> dict[str, Any]:
     body = plain(request_body)
@@ -255,6 +263,7 @@ def training_run_json(svc: Service, run: TrainingRunRecord) -> dict[str, Any]:
 
 @router.get("/training_runs")
 def list_training_runs(user: User, svc: Svc, limit: int = 20, offset: int = 0) -> dict[str, Any]:
+    svc.sweep_expired()
     runs, total = svc.store.list_training_runs(user, limit, offset)
     return {
         "training_runs": [training_run_json(svc, r) for r in runs],
@@ -264,23 +273,71 @@ def list_training_runs(user: User, svc: Svc, limit: int = 20, offset: int = 0) -
 
 @router.get("/training_runs/{run_id}")
 def get_training_run(run_id: str, user: User, svc: Svc) -> dict[str, Any]:
+    svc.sweep_expired()
     return training_run_json(svc, svc.run(run_id, user))
 
 
 @router.get("/training_runs/{run_id}/checkpoints")
 def list_run_checkpoints(run_id: str, user: User, svc: Svc) -> dict[str, Any]:
     svc.run(run_id, user)
+    svc.sweep_expired()
     checkpoints, _ = svc.store.list_checkpoints(user, run_id)
     return {"checkpoints": [checkpoint_json(c) for c in checkpoints]}
 
 
 @router.get("/checkpoints")
 def list_checkpoints(user: User, svc: Svc, limit: int = 100, offset: int = 0) -> dict[str, Any]:
+    svc.sweep_expired()
     checkpoints, total = svc.store.list_checkpoints(user, None, limit, offset)
     return {
         "checkpoints": [checkpoint_json(c) for c in checkpoints],
         "cursor": {"offset": offset, "limit": limit, "total_count": total},
     }
+
+
+# These suffixed routes must come before the catch-all DELETE of a checkpoint id (which
+# contains a slash and would otherwise swallow ".../publish").
+
+
+@router.post("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/publish")
+def publish_checkpoint(run_id: str, checkpoint_id: str, user: User, svc: Svc) -> dict[str, Any]:
+    svc.set_checkpoint_public(user, run_id, checkpoint_id, True)
+    return {}
+
+
+@router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/publish")
+def unpublish_checkpoint(run_id: str, checkpoint_id: str, user: User, svc: Svc) -> dict[str, Any]:
+    if "/" not in checkpoint_id:  # DELETE of a checkpoint named "publish", e.g. weights/publish
+        return delete_checkpoint(run_id, f"{checkpoint_id}/publish", user, svc)
+    svc.set_checkpoint_public(user, run_id, checkpoint_id, False)
+    return {}
+
+
+@router.put("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/ttl")
+def set_checkpoint_ttl(
+    run_id: str,
+    checkpoint_id: str,
+    request_body: schemas.TtlUpdateRequest,
+    user: User,
+    svc: Svc,
+) -> dict[str, Any]:
+    svc.set_checkpoint_ttl(user, run_id, checkpoint_id, request_body.ttl_seconds)
+    return {}
+
+
+@router.get("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/external_weights_urls")
+def external_weights_urls(
+    run_id: str, checkpoint_id: str, user: User, svc: Svc, request: Request
+) -> dict[str, Any]:
+    base_url = str(request.base_url).rstrip("/")
+    return svc.external_weights_urls(user, run_id, checkpoint_id, base_url)
+
+
+@router.get("/downloads/{token}")
+def download(token: str, svc: Svc) -> FileResponse:
+    """A file of a checkpoint, authorised by the signed token alone (no API key)."""
+    path = svc.download(token)
+    return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 
 
 @router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}")
@@ -305,3 +362,69 @@ def weights_info(request_body: schemas.WeightsInfoRequest, user: User, svc: Svc)
         "train_mlp": info.train_mlp,
         "train_attn": info.train_attn,
     }
+
+
+@router.post("/copy_weights")
+def copy_weights(
+    request_body: schemas.CopyWeightsRequest,
+    user: User,
+    svc: Svc,
+    x_idempotency_key: Annotated[str | None, Header()] = None,
+) -> dict[str, str]:
+    return svc.copy_weights(user, plain(request_body), x_idempotency_key)
+
+
+# -- sessions ---------------------------------------------------------------------------
+
+
+@router.get("/sessions")
+def list_sessions(user: User, svc: Svc, limit: int = 20, offset: int = 0) -> dict[str, Any]:
+    sessions = svc.store.list_sessions(user, limit, offset)
+    return {"sessions": [s.session_id for s in sessions]}
+
+
+@router.get("/sessions/{session_id}")
+def get_session(session_id: str, user: User, svc: Svc) -> dict[str, Any]:
+    rec = svc.session(session_id, user)
+    runs, samplers = svc.store.session_children(session_id)
+    return {
+        "training_run_ids": runs,
+        "sampler_ids": samplers,
+        "user_metadata": {k: str(v) for k, v in rec.user_metadata.items()} or None,
+        "display_name": rec.display_name,
+    }
+
+
+# -- hosted-service features a self-hosted server does not have --------------------------
+# A 404 with a clear body: the SDK does not retry it (5xx, 408, 409 and 429 it would).
+
+_NOT_AVAILABLE = "not available in self-hosted tinkerd"
+
+
+def _not_available(what: str) -> JSONResponse:
+    return JSONResponse({"detail": f"{what} is {_NOT_AVAILABLE}"}, status_code=404)
+
+
+@router.get("/audit")
+def audit_log(user: User) -> JSONResponse:
+    return _not_available("the audit log")
+
+
+@router.api_route("/billing/{rest:path}", methods=["GET", "POST"])
+def billing(rest: str, user: User) -> JSONResponse:
+    return _not_available("billing")
+
+
+@router.put("/sessions/{session_id}/project")
+def assign_session_project(session_id: str, user: User) -> JSONResponse:
+    return _not_available("projects")
+
+
+@router.post("/sessions/search")
+def search_sessions(user: User) -> JSONResponse:
+    return _not_available("session search")
+
+
+@router.get("/sessions/{session_id}/trace_export")
+def export_session_trace(session_id: str, user: User) -> JSONResponse:
+    return _not_available("session trace export")

@@ -386,6 +386,17 @@ class TtlUpdateRequest(RequestModel):
     ttl_seconds: TtlSeconds | None = None
 
 
+class CopyWeightsRequest(RequestModel):
+    """POST /copy_weights: a destination project, or a session_id plus model_seq_id."""
+
+    source_path: NonEmptyStr
+    destination_project_id: Str | None = None
+    session_id: NonEmptyStr | None = None
+    model_seq_id: Annotated[int, Strict(), Field(ge=0)] | None = None
+    ttl_seconds: TtlSeconds | None = None
+    weights_access_token: Str | None = None
+
+
 class WeightsInfoRequest(RequestModel):
     tinker_path: NonEmptyStr
 
@@ -606,6 +617,7 @@ __all__ = [
     "ClientConfigResponse",
     "ClientDynamicConfigResponse",
     "CodecError",
+    "CopyWeightsRequest",
     "CreateModelRequest",
     "CreateModelResponse",
     "CreateSamplingSessionRequest",

@@ -6,8 +6,10 @@ callbacks, run on the scheduler thread, encode the result as the SDK expects (pr
 forward/backward and sample results, JSON otherwise), store it, and wake the long-pollers.
 """
 
+import hashlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,8 +21,14 @@ from typing import Any
 
 from tinkerd.api import codec
 from tinkerd.api.futures import FutureHub
+from tinkerd.checkpoints import downloads
 from tinkerd.checkpoints.paths import TinkerPath
-from tinkerd.checkpoints.peft_format import checkpoint_exists, delete_checkpoint, read_adapter_info
+from tinkerd.checkpoints.peft_format import (
+    checkpoint_exists,
+    copy_checkpoint,
+    delete_checkpoint,
+    read_adapter_info,
+)
 from tinkerd.engine.ops import (
     CreateAdapter,
     ForwardBackward,
@@ -51,7 +59,11 @@ from tinkerd.store.store import Store
 
 log = logging.getLogger(__name__)
 
-KIND_TYPES = {"weights": "training", "sampler_weights": "sampler"}
+KIND_TYPES = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
+# Tinker bounds ttl_seconds at 10 years (the lower bound of 1 hour is not enforced here).
+MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
+# How long signed external-weights download URLs stay valid.
+DOWNLOAD_URL_SECONDS = 3600
 
 
 class ApiError(Exception):
@@ -97,6 +109,7 @@ class Service:
         self.checkpoint_root = checkpoint_root
         self.hub = hub
         self._bookkeeping = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bookkeeping")
+        self._download_secret: bytes | None = None
 
     # -- models and sessions ------------------------------------------------------------
 
@@ -379,25 +392,37 @@ class Service:
             return self._save_weights(user, body, run, for_sampler=for_sampler)
 
     def _save_weights(
-        self, user: str, body: dict[str, Any], run: TrainingRunRecord, *, for_sampler: bool
+        self,
+        user: str,
+        body: dict[str, Any],
+        run: TrainingRunRecord,
+        *,
+        for_sampler: bool,
+        external: bool = False,
     ) -> Future:
         model_id, seq_id = body["model_id"], int(body["seq_id"])
         scheduler = self.scheduler(run.base_model)
         name = body.get("path")
         kind = "save_weights_for_sampler" if for_sampler else "save_weights"
+        if external:
+            kind = "save_weights_external"
         if for_sampler and not name:
             return self._snapshot(user, body, run, scheduler)
         if not name:
             raise ApiError(400, "path (the checkpoint name) is required")
+        dir_kind = "sampler_weights" if for_sampler else "weights"
         try:
-            tpath = TinkerPath(model_id, "sampler_weights" if for_sampler else "weights", name)
+            tpath = TinkerPath(model_id, "external_weights" if external else dir_kind, name)
         except ValueError as exc:
             raise ApiError(400, str(exc)) from exc
         directory = tpath.storage_dir(self.checkpoint_root)
-        overwrite = bool(body.get("overwrite", False))
+        # An external export has no overwrite flag: saving the same name again replaces it.
+        overwrite = external or bool(body.get("overwrite", False))
         if not overwrite and checkpoint_exists(directory) and not self._is_retry(model_id, seq_id):
             raise ApiError(400, f"checkpoint {tpath} already exists (set overwrite to replace)")
         ttl = body.get("ttl_seconds")
+        if ttl is not None and ttl > MAX_TTL_SECONDS:
+            raise ApiError(400, f"ttl_seconds must be at most {MAX_TTL_SECONDS} (10 years)")
         metadata = dict(body.get("user_metadata") or {})
 
         def encode(result: object) -> tuple[bytes, str]:
@@ -413,9 +438,13 @@ class Service:
                     expires_at=datetime.now(UTC) + timedelta(seconds=ttl) if ttl else None,
                 )
             )
-            return _json({"path": str(tpath), "type": kind})
+            out: dict[str, Any] = {"path": str(tpath), "type": kind}
+            if external:
+                out["size_bytes"] = int(result)  # type: ignore[call-overload]
+            return _json(out)
 
-        action = SaveAdapter(directory, not for_sampler, run.base_model, overwrite=True)
+        with_optimizer = tpath.kind == "weights"
+        action = SaveAdapter(directory, with_optimizer, run.base_model, overwrite=True)
         rec = self._submit(
             user,
             kind,
@@ -426,6 +455,17 @@ class Service:
             seq_id=seq_id,
         )
         return Future(rec.request_id, model_id=model_id)
+
+    def save_weights_external(self, user: str, body: dict[str, Any]) -> Future:
+        """An HF-format (PEFT adapter) export under `tinker://<run>/external_weights/<name>`."""
+        model_id, seq_id = body["model_id"], int(body["seq_id"])
+        run = self._training_target(user, model_id, seq_id)
+        with self._rejection_skips_seq(run, model_id, seq_id):
+            if body.get("age_encryption_recipients"):
+                raise ApiError(
+                    400, "age_encryption_recipients is not supported by self-hosted tinkerd"
+                )
+            return self._save_weights(user, body, run, for_sampler=False, external=True)
 
     def _is_retry(self, model_id: str, seq_id: int) -> bool:
         return bool(self.store.futures_for_model(model_id, seq_id)[:1]) and (
@@ -473,6 +513,9 @@ class Service:
         except ValueError as exc:
             raise ApiError(400, str(exc)) from exc
         rec = self.store.get_checkpoint(tpath.run_id, tpath.checkpoint_id)
+        if rec is not None and _expired(rec):
+            self._remove_checkpoint(rec)
+            rec = None
         if rec is None or (rec.user != user and not rec.public):
             raise not_found(f"checkpoint {path!r}")
         return tpath, rec
@@ -575,6 +618,10 @@ class Service:
         elif sampler is not None and sampler.snapshot_of:
             adapter_id = sampler.sampling_session_id
         try:
+            target, target_layout = None, None
+            if body.get("target_prompt_logprobs") is not None:
+                target, target_layout = codec.target_prompt_ids(body["target_prompt_logprobs"])
+            last_n = body.get("prompt_logprobs_last_n")
             item = SampleInput(
                 adapter_id=adapter_id,
                 prompt=codec.model_input_tokens(body["prompt"]),
@@ -582,6 +629,10 @@ class Service:
                 num_samples=int(body.get("num_samples", 1)),
                 prompt_logprobs=bool(body.get("prompt_logprobs") or False),
                 topk_prompt_logprobs=int(body.get("topk_prompt_logprobs") or 0),
+                topk_sample_logprobs=int(body.get("topk_sample_logprobs") or 0),
+                target_prompt_logprobs=target,
+                prompt_alt_tokens_k=int(body.get("prompt_alt_tokens_k") or 0),
+                prompt_logprobs_last_n=int(last_n) if last_n is not None else None,
             )
             info = scheduler.worker.info
             validate_sample_input(item, info.vocab_size, info.context_length)
@@ -593,6 +644,8 @@ class Service:
                 result,  # type: ignore[arg-type]
                 prompt_logprobs_requested=item.prompt_logprobs,
                 topk_prompt_k=item.topk_prompt_logprobs,
+                topk_sample_k=item.topk_sample_logprobs,
+                target_layout=target_layout,
             )
             return data, "proto"
 
@@ -618,6 +671,164 @@ class Service:
             raise not_found(f"checkpoint {tpath}")
         delete_checkpoint(tpath.storage_dir(self.checkpoint_root))
         self.store.delete_checkpoint(run_id, checkpoint_id)
+
+    def owned_checkpoint(self, user: str, run_id: str, checkpoint_id: str) -> CheckpointRecord:
+        """The user's own (unexpired) checkpoint, else 404 (others' checkpoints too)."""
+        self.run(run_id, user)
+        try:
+            tpath = TinkerPath.from_checkpoint_id(run_id, checkpoint_id)
+        except ValueError as exc:
+            raise not_found(f"checkpoint {checkpoint_id!r}") from exc
+        rec = self.store.get_checkpoint(run_id, checkpoint_id)
+        if rec is not None and _expired(rec):
+            self._remove_checkpoint(rec)
+            rec = None
+        if rec is None or rec.user != user:
+            raise not_found(f"checkpoint {tpath}")
+        return rec
+
+    def set_checkpoint_ttl(
+        self, user: str, run_id: str, checkpoint_id: str, ttl_seconds: int | None
+    ) -> None:
+        self.owned_checkpoint(user, run_id, checkpoint_id)
+        if ttl_seconds is not None and ttl_seconds > MAX_TTL_SECONDS:
+            raise ApiError(400, f"ttl_seconds must be at most {MAX_TTL_SECONDS} (10 years)")
+        expires = (
+            None if ttl_seconds is None else datetime.now(UTC) + timedelta(seconds=ttl_seconds)
+        )
+        self.store.set_checkpoint_ttl(run_id, checkpoint_id, expires)
+
+    def set_checkpoint_public(
+        self, user: str, run_id: str, checkpoint_id: str, public: bool
+    ) -> None:
+        self.owned_checkpoint(user, run_id, checkpoint_id)
+        self.store.set_checkpoint_public(run_id, checkpoint_id, public)
+
+    def _remove_checkpoint(self, rec: CheckpointRecord) -> None:
+        tpath = TinkerPath.from_checkpoint_id(rec.training_run_id, rec.checkpoint_id)
+        delete_checkpoint(tpath.storage_dir(self.checkpoint_root))
+        self.store.delete_checkpoint(rec.training_run_id, rec.checkpoint_id)
+
+    def sweep_expired(self) -> int:
+        """Delete every checkpoint whose TTL has passed (files and record); returns how many.
+        Cheap (one indexed query), so it runs before listings and on loads."""
+        expired = self.store.expired_checkpoints(datetime.now(UTC))
+        for rec in expired:
+            try:
+                self._remove_checkpoint(rec)
+            except OSError:
+                log.exception("could not delete expired checkpoint %s", rec.tinker_path)
+        return len(expired)
+
+    # -- external weights downloads -----------------------------------------------------
+
+    def download_secret(self) -> bytes:
+        if self._download_secret is None:
+            self._download_secret = downloads.load_secret(self.checkpoint_root.parent)
+        return self._download_secret
+
+    def external_weights_urls(
+        self, user: str, run_id: str, checkpoint_id: str, base_url: str
+    ) -> dict[str, Any]:
+        """Signed download URLs (served by `download`) for every file of a checkpoint."""
+        rec = self.owned_checkpoint(user, run_id, checkpoint_id)
+        tpath = TinkerPath.from_checkpoint_id(run_id, rec.checkpoint_id)
+        directory = tpath.storage_dir(self.checkpoint_root)
+        expires = int(time.time()) + DOWNLOAD_URL_SECONDS
+        secret = self.download_secret()
+        urls = {}
+        for relpath in downloads.checkpoint_files(directory):
+            grant = downloads.DownloadGrant(run_id, rec.checkpoint_id, relpath, expires)
+            urls[relpath] = f"{base_url}/api/v1/downloads/{downloads.sign(secret, grant)}"
+        return {"urls": urls, "expires": datetime.fromtimestamp(expires, UTC).isoformat()}
+
+    def download(self, token: str) -> Path:
+        """The file a signed token names: 403 if tampered with or expired, 404 if gone."""
+        try:
+            grant = downloads.verify(self.download_secret(), token)
+        except downloads.TokenError as exc:
+            raise ApiError(403, str(exc)) from exc
+        rec = self.store.get_checkpoint(grant.run_id, grant.checkpoint_id)
+        if rec is None or _expired(rec):
+            raise not_found("checkpoint")
+        tpath = TinkerPath.from_checkpoint_id(grant.run_id, grant.checkpoint_id)
+        try:
+            return downloads.resolve_file(tpath.storage_dir(self.checkpoint_root), grant.relpath)
+        except FileNotFoundError as exc:
+            raise not_found(f"file {grant.relpath!r}") from exc
+
+    # -- copies -------------------------------------------------------------------------
+
+    def copy_weights(
+        self, user: str, body: dict[str, Any], idempotency_key: str | None
+    ) -> dict[str, str]:
+        """Copy a readable checkpoint (own or public) into a new run that holds only it.
+
+        The new run is `<session_id>:train:<model_seq_id>` when those are given, else
+        `copy-<hash>` derived from the idempotency key, so an SDK retry of the same call
+        answers the same copy.
+        """
+        src, src_rec = self.resolve_checkpoint(user, body["source_path"])
+        ttl = body.get("ttl_seconds")
+        if ttl is not None and ttl > MAX_TTL_SECONDS:
+            raise ApiError(400, f"ttl_seconds must be at most {MAX_TTL_SECONDS} (10 years)")
+        info = read_adapter_info(src.storage_dir(self.checkpoint_root))
+        if body.get("session_id") is not None:
+            if body.get("model_seq_id") is None:
+                raise ApiError(400, "session_id and model_seq_id go together")
+            session = self.session(body["session_id"], user)
+            run_id = f"{session.session_id}:train:{int(body['model_seq_id'])}"
+            session_id = session.session_id
+        elif body.get("destination_project_id") is not None:
+            key = idempotency_key or str(uuid.uuid4())
+            digest = hashlib.sha256(f"{user}\0{key}".encode()).hexdigest()[:24]
+            run_id, session_id = f"copy-{digest}", ""
+        else:
+            raise ApiError(400, "give destination_project_id, or session_id and model_seq_id")
+        existing = self.store.get_training_run(run_id)
+        if existing is not None and existing.user != user:
+            raise not_found(f"session {session_id!r}")
+        dst = TinkerPath(run_id, src.kind, src.name)
+        if existing is not None and self.store.get_checkpoint(run_id, dst.checkpoint_id):
+            return {"tinker_path": str(dst)}  # a retry: already copied
+        if existing is not None:
+            raise ApiError(400, f"training run {run_id!r} already exists")
+        self.store.create_training_run(
+            TrainingRunRecord(
+                model_id=run_id,
+                session_id=session_id,
+                user=user,
+                base_model=info.base_model,
+                lora_rank=info.rank,
+                lora_config={
+                    "rank": info.rank,
+                    "alpha": info.alpha,
+                    "seed": info.seed,
+                    "train_attn": info.train_attn,
+                    "train_mlp": info.train_mlp,
+                    "train_unembed": info.train_unembed,
+                },
+                user_metadata={"copied_from": str(src)},
+            )
+        )
+        size = copy_checkpoint(
+            src.storage_dir(self.checkpoint_root),
+            dst.storage_dir(self.checkpoint_root),
+            overwrite=True,
+        )
+        self.store.add_checkpoint(
+            CheckpointRecord(
+                training_run_id=run_id,
+                checkpoint_id=dst.checkpoint_id,
+                checkpoint_type=dst.checkpoint_type,
+                tinker_path=str(dst),
+                user=user,
+                size_bytes=size,
+                user_metadata=dict(src_rec.user_metadata or {}),
+                expires_at=datetime.now(UTC) + timedelta(seconds=ttl) if ttl else None,
+            )
+        )
+        return {"tinker_path": str(dst)}
 
     def recover(self) -> int:
         """After a restart: requests acknowledged but never finished fail with a clear error
@@ -648,6 +859,10 @@ def sampling_params(d: dict[str, Any]) -> SamplingParams:
         stop=stop,
         seed=int(seed) if seed is not None else None,
     )
+
+
+def _expired(rec: CheckpointRecord) -> bool:
+    return rec.expires_at is not None and rec.expires_at <= datetime.now(UTC)
 
 
 def _json(data: dict[str, Any]) -> tuple[bytes, str]:

@@ -16,6 +16,8 @@ model layer's types. Writes go through `atomic.atomic_dir`, so a checkpoint is c
 """
 
 import json
+import os
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -206,6 +208,28 @@ def load_adapter(directory: Path, *, with_optimizer: bool = True) -> SavedAdapte
 def delete_checkpoint(directory: Path) -> bool:
     """Remove a checkpoint directory (atomically invisible first); False if it didn't exist."""
     return remove_dir(Path(directory))
+
+
+def copy_checkpoint(source: Path, target: Path, *, overwrite: bool = False) -> int:
+    """Copy a checkpoint directory atomically; returns the copy's size in bytes.
+
+    Files are hard-linked where the filesystem allows (no bytes duplicated; safe because
+    checkpoints are never modified in place: writes and deletes go through renames), and
+    copied otherwise.
+    """
+    source = _check_complete(Path(source))
+    with atomic_dir(Path(target), overwrite=overwrite) as tmp:
+        for path in sorted(source.rglob("*")):
+            dest = tmp / path.relative_to(source)
+            if path.is_dir():
+                dest.mkdir(parents=True, exist_ok=True)
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, dest)
+            except OSError:
+                shutil.copy2(path, dest)
+    return checkpoint_size(Path(target))
 
 
 def checkpoint_exists(directory: Path) -> bool:

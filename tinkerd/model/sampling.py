@@ -9,6 +9,14 @@ from the distribution the token was drawn from before truncation, softmax(logits
 temperature-scaled, not top-k/top-p filtered. At temperature 1 that equals the training
 forward pass's target logprob. Greedy (temperature 0) reports the temperature-1 logprob.
 Prompt logprobs are always at temperature 1 (like `compute_logprobs`).
+
+Extras: `topk_sample_logprobs` reports the top K of that same (temperature-scaled,
+pre-truncation) distribution per sampled token; `target_prompt_logprobs` scores chosen ids at
+prompt positions (temperature 1, like prompt logprobs); `prompt_alt_tokens_k` draws K tokens
+with replacement at the request's temperature (no top-k/top-p) at every prompt position after
+the first, with their logprobs under that distribution (greedy: the argmax K times, with its
+temperature-1 logprob), from a generator seeded by the request's seed;
+`prompt_logprobs_last_n` scores only the last N prompt positions (earlier ones None).
 """
 
 import math
@@ -27,6 +35,12 @@ SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads sample indices o
 
 PROMPT_CHUNK = 512  # prompt positions per unembedding chunk
 
+# Bound on the cells a request's top-K / target / alt-token outputs may have (len x K): a
+# generous cap that keeps one request from asking for gigabytes of logprobs.
+MAX_OUTPUT_CELLS = 1 << 22
+
+ALT_TOKENS_STREAM = 1 << 62  # row_seed index of the prompt_alt_tokens generator
+
 
 @dataclass
 class _Row:
@@ -37,8 +51,10 @@ class _Row:
     stop_tokens: frozenset[int]
     stop_strings: tuple[str, ...]
     limit: int  # max new tokens for this row
+    topk: int = 0  # topk_sample_logprobs
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    topk_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     stop_reason: str | None = None
 
 
@@ -86,20 +102,97 @@ def validate_sample_input(item: SampleInput, vocab_size: int, context_length: in
             item.topk_prompt_logprobs >= 0,
             f"topk_prompt_logprobs must be >= 0, got {item.topk_prompt_logprobs}",
         ),
+        (
+            item.topk_prompt_logprobs * n <= MAX_OUTPUT_CELLS,
+            f"topk_prompt_logprobs={item.topk_prompt_logprobs} x {n} prompt tokens exceeds "
+            f"{MAX_OUTPUT_CELLS} cells",
+        ),
+        (
+            item.topk_sample_logprobs >= 0,
+            f"topk_sample_logprobs must be >= 0, got {item.topk_sample_logprobs}",
+        ),
+        (
+            item.topk_sample_logprobs * max(p.max_tokens, 0) * max(item.num_samples, 0)
+            <= MAX_OUTPUT_CELLS,
+            f"topk_sample_logprobs={item.topk_sample_logprobs} x max_tokens x num_samples "
+            f"exceeds {MAX_OUTPUT_CELLS} cells",
+        ),
+        (
+            item.prompt_alt_tokens_k >= 0,
+            f"prompt_alt_tokens_k must be >= 0, got {item.prompt_alt_tokens_k}",
+        ),
+        (
+            item.prompt_alt_tokens_k * n <= MAX_OUTPUT_CELLS,
+            f"prompt_alt_tokens_k={item.prompt_alt_tokens_k} x {n} prompt tokens exceeds "
+            f"{MAX_OUTPUT_CELLS} cells",
+        ),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    last_n = item.prompt_logprobs_last_n
+    if last_n is not None:
+        if not item.prompt_logprobs:
+            raise ValueError("prompt_logprobs_last_n requires prompt_logprobs to be true")
+        if not 1 <= last_n <= n - 1:
+            raise ValueError(
+                f"prompt_logprobs_last_n must be between 1 and len(prompt) - 1 = {n - 1}, "
+                f"got {last_n}"
+            )
+    if item.target_prompt_logprobs is not None:
+        _validate_target(item.target_prompt_logprobs, n, vocab_size)
+
+
+def _validate_target(target: torch.Tensor, n: int, vocab_size: int) -> None:
+    what = "target_prompt_logprobs"
+    if target.dtype != torch.int64:
+        raise ValueError(f"{what} must be an int64 tensor of token ids, got {target.dtype}")
+    if target.dim() != 2 or target.shape[0] != n - 1 or target.shape[1] < 1:
+        raise ValueError(
+            f"{what} must have shape [len(prompt) - 1, K] = [{n - 1}, K >= 1], "
+            f"got {list(target.shape)}"
+        )
+    named = target[target != -1]
+    if named.numel() == 0:
+        raise ValueError(f"{what} names no token id (every cell is -1)")
+    if int(named.min()) < 0 or int(named.max()) >= vocab_size:
+        raise ValueError(f"{what} has ids outside [0, {vocab_size}) (use -1 for no request)")
+    distinct = int(torch.unique(named).numel())
+    if distinct * n > MAX_OUTPUT_CELLS:
+        raise ValueError(
+            f"{what}: {distinct} distinct ids x {n} prompt tokens exceeds {MAX_OUTPUT_CELLS} cells"
+        )
 
 
 def choose_token(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
 ) -> tuple[int, float]:
     """Draw one token from float32 `logits` (V,). Returns (token, logprob)."""
+    token, logprob, _ = choose_token_topk(logits, params, generator, 0)
+    return token, logprob
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The distribution sampled-token logprobs come from: softmax(logits / temperature),
+    before top-k/top-p; temperature 0 (greedy) reports temperature 1."""
+    return torch.log_softmax(logits / temperature if temperature > 0 else logits, -1)
+
+
+def _topk_list(logp: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    values, idx = torch.topk(logp, min(k, logp.shape[-1]))
+    return list(zip(idx.tolist(), values.tolist(), strict=True))
+
+
+def choose_token_topk(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, k: int
+) -> tuple[int, float, list[tuple[int, float]] | None]:
+    """`choose_token`, plus the top `k` (id, logprob) of the distribution the logprob is
+    taken from (None when k == 0)."""
+    logp = sampling_logprobs(logits, params.temperature)
+    topk = _topk_list(logp, k) if k > 0 else None
     if params.temperature == 0:
         token = int(torch.argmax(logits))
-        return token, float(torch.log_softmax(logits, -1)[token])
-    logp = torch.log_softmax(logits / params.temperature, -1)
+        return token, float(logp[token]), topk
     filtered = logp
     if 0 < params.top_k < logp.shape[0]:
         kth = torch.topk(logp, params.top_k).values[-1]
@@ -113,7 +206,7 @@ def choose_token(
         filtered = filtered.scatter(0, order[drop], float("-inf"))
     probs = torch.softmax(filtered, -1)
     token = int(torch.multinomial(probs, 1, generator=generator))
-    return token, float(logp[token])
+    return token, float(logp[token]), topk
 
 
 def _stopped_by_string(tokenizer: object, row: _Row) -> bool:
@@ -155,7 +248,7 @@ def sample(
             past_key_values=cache,
             use_cache=True,
         ).last_hidden_state
-        prompt_outputs = [_prompt_logprobs(lora, hidden[i], r) for i, r in enumerate(reqs)]
+        prompt_outputs = [_prompt_extras(lora, hidden[i], r) for i, r in enumerate(reqs)]
     with lora.route(segments_for([r.adapter_id for r in reqs])):
         next_logits = unembed(lora, hidden[:, -1]).float()
 
@@ -167,7 +260,18 @@ def sample(
         for s in range(r.num_samples):
             gen = torch.Generator(device=device)
             gen.manual_seed(row_seed(r.params.seed, s))
-            rows.append(_Row(i, r.adapter_id, r.params, gen, stop_tokens, stop_strings, limit))
+            rows.append(
+                _Row(
+                    i,
+                    r.adapter_id,
+                    r.params,
+                    gen,
+                    stop_tokens,
+                    stop_strings,
+                    limit,
+                    topk=r.topk_sample_logprobs,
+                )
+            )
             expand.append(i)
     index = torch.tensor(expand, dtype=torch.long, device=device)  # long even if empty
     cache.reorder_cache(index)
@@ -186,9 +290,11 @@ def sample(
             if row.stop_reason is not None:
                 new_tokens.append(pad_id)
                 continue
-            token, lp = choose_token(logits[slot], row.params, row.generator)
+            token, lp, topk = choose_token_topk(logits[slot], row.params, row.generator, row.topk)
             row.tokens.append(token)
             row.logprobs.append(lp)
+            if topk is not None:
+                row.topk_logprobs.append(topk)
             new_tokens.append(token)
             if token in row.stop_tokens or _stopped_by_string(tokenizer, row):
                 row.stop_reason = "stop"
@@ -219,44 +325,115 @@ def sample(
     outputs: list[SampleOutput | None] = [None] * len(inputs)
     for i in range(len(reqs)):
         sequences = [
-            SampledSequence(row.tokens, row.logprobs, row.stop_reason or "length")
+            SampledSequence(
+                row.tokens,
+                row.logprobs,
+                row.stop_reason or "length",
+                row.topk_logprobs if row.topk > 0 else None,
+            )
             for row in rows
             if row.request == i
         ]
-        prompt_lp, topk = prompt_outputs[i]
-        outputs[order[i]] = SampleOutput(sequences, prompt_lp, topk)
+        extras = prompt_outputs[i]
+        outputs[order[i]] = SampleOutput(
+            sequences,
+            extras.prompt_logprobs,
+            extras.topk_prompt_logprobs,
+            target_prompt_logprobs=extras.target_prompt_logprobs,
+            prompt_alt_tokens=extras.alt_tokens,
+            prompt_alt_logprobs=extras.alt_logprobs,
+        )
     return [o for o in outputs if o is not None]
 
 
-def _prompt_logprobs(
-    lora: MultiLoraModel, hidden_row: torch.Tensor, req: SampleInput
-) -> tuple[list[float | None] | None, list[list[tuple[int, float]] | None] | None]:
-    """Prompt logprobs (position 0: None) and top-K prompt logprobs, at temperature 1.
+@dataclass
+class _PromptExtras:
+    prompt_logprobs: list[float | None] | None = None
+    topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
+    target_prompt_logprobs: torch.Tensor | None = None
+    alt_tokens: torch.Tensor | None = None
+    alt_logprobs: torch.Tensor | None = None
 
-    Called inside the prefill's routing; `hidden_row` is one left-padded row."""
-    k = req.topk_prompt_logprobs
-    if not (req.prompt_logprobs or k > 0) or len(req.prompt) < 2:
-        empty: list = [None] * len(req.prompt)
-        return (empty if req.prompt_logprobs else None), (list(empty) if k > 0 else None)
+
+def _prompt_extras(
+    lora: MultiLoraModel, hidden_row: torch.Tensor, req: SampleInput
+) -> _PromptExtras:
+    """Everything computed from the prompt's own positions: prompt logprobs (position 0:
+    None; before the last N: None), top-K prompt logprobs (both at temperature 1), target id
+    logprobs (temperature 1) and alternative-token draws (at the request's temperature).
+
+    Called inside the prefill's routing; `hidden_row` is one left-padded row. Row j of the
+    (len(prompt) - 1)-row outputs is the distribution after prompt[:j + 1], over prompt[j + 1].
+    """
     n = len(req.prompt)
+    rows = n - 1
+    k = req.topk_prompt_logprobs
+    alt_k = req.prompt_alt_tokens_k
+    target = req.target_prompt_logprobs
+    # First row scored for prompt_logprobs / topk_prompt_logprobs.
+    first = rows - req.prompt_logprobs_last_n if req.prompt_logprobs_last_n else 0
+    out = _PromptExtras()
+    if req.prompt_logprobs:
+        out.prompt_logprobs = [None] * (1 + first) if rows > 0 else [None]
+    if k > 0:
+        out.topk_prompt_logprobs = [None] * (1 + first) if rows > 0 else [None]
+    starts: list[int] = []
+    if (req.prompt_logprobs or k > 0) and rows > 0:
+        starts.append(first)
+    device = hidden_row.device
+    if target is not None:
+        target = target.to(device)
+        out.target_prompt_logprobs = torch.zeros(target.shape, dtype=torch.float32)
+        named_rows = torch.nonzero((target >= 0).any(dim=1)).flatten()
+        if named_rows.numel():
+            starts.append(int(named_rows[0]))  # earlier rows name nothing: not scored
+    generator = None
+    if alt_k > 0:
+        out.alt_tokens = torch.zeros((rows, alt_k), dtype=torch.int64)
+        out.alt_logprobs = torch.zeros((rows, alt_k), dtype=torch.float32)
+        if rows > 0:
+            starts.append(0)
+            generator = torch.Generator(device=device)
+            generator.manual_seed(row_seed(req.params.seed, ALT_TOKENS_STREAM))
+    if not starts:
+        return out
     h = hidden_row[hidden_row.shape[0] - n : -1]  # positions predicting prompt[1:]
-    targets = torch.tensor(req.prompt[1:], device=h.device).unsqueeze(1)
-    prompt_lp: list[float | None] | None = [None] if req.prompt_logprobs else None
-    topk: list[list[tuple[int, float]] | None] | None = [None] if k > 0 else None
+    targets = torch.tensor(req.prompt[1:], device=device).unsqueeze(1)
+    temperature = req.params.temperature
     # Chunks of positions, so a long prompt never needs a full (length x vocab) float32 table.
-    for start in range(0, h.shape[0], PROMPT_CHUNK):
-        hc = h[start : start + PROMPT_CHUNK]
+    for start in range(min(starts), rows, PROMPT_CHUNK):
+        end = min(start + PROMPT_CHUNK, rows)
+        hc = h[start:end]
         # The prefill routing is per row; this unembedding is for one row only.
         with lora.route(segments_for([req.adapter_id] * hc.shape[0])):
-            logp = torch.log_softmax(unembed(lora, hc).float(), -1)
-        if prompt_lp is not None:
-            prompt_lp.extend(
-                logp.gather(1, targets[start : start + PROMPT_CHUNK]).squeeze(1).tolist()
+            logits = unembed(lora, hc).float()
+        logp = torch.log_softmax(logits, -1)
+        a = max(first, start) - start  # first row of this chunk that is scored
+        if out.prompt_logprobs is not None and a < end - start:
+            out.prompt_logprobs.extend(
+                logp[a:].gather(1, targets[start + a : end]).squeeze(1).tolist()
             )
-        if topk is not None:
-            values, idx = torch.topk(logp, min(k, logp.shape[1]), dim=-1)
-            topk.extend(
+        if out.topk_prompt_logprobs is not None and a < end - start:
+            values, idx = torch.topk(logp[a:], min(k, logp.shape[1]), dim=-1)
+            out.topk_prompt_logprobs.extend(
                 list(zip(i, v, strict=True))
                 for i, v in zip(idx.tolist(), values.tolist(), strict=True)
             )
-    return prompt_lp, topk
+        if target is not None and out.target_prompt_logprobs is not None:
+            ids = target[start:end]
+            got = logp.gather(1, ids.clamp(min=0))
+            got = torch.where(ids >= 0, got, torch.zeros_like(got))
+            out.target_prompt_logprobs[start:end] = got.cpu()
+        if generator is not None and out.alt_tokens is not None and out.alt_logprobs is not None:
+            if temperature == 0:
+                draws = logits.argmax(-1, keepdim=True).expand(-1, alt_k)
+                alt_lp = logp.gather(1, draws)
+            else:
+                logp_t = torch.log_softmax(logits / temperature, -1)
+                draws = torch.multinomial(
+                    torch.exp(logp_t), alt_k, replacement=True, generator=generator
+                )
+                alt_lp = logp_t.gather(1, draws)
+            out.alt_tokens[start:end] = draws.cpu()
+            out.alt_logprobs[start:end] = alt_lp.cpu()
+    return out

@@ -58,6 +58,14 @@ class SampleInput:
     num_samples: int = 1
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    # Top-K (id, logprob) of the distribution each sampled token was drawn from.
+    topk_sample_logprobs: int = 0
+    # int64 (len(prompt) - 1, K): row i names ids to score at prompt position i + 1; -1 = none.
+    target_prompt_logprobs: torch.Tensor | None = None
+    # K draws at the request's temperature at every prompt position after the first.
+    prompt_alt_tokens_k: int = 0
+    # Score only the last N prompt positions (prompt_logprobs and topk_prompt_logprobs).
+    prompt_logprobs_last_n: int | None = None
 
 
 @dataclass
@@ -65,6 +73,8 @@ class SampledSequence:
     tokens: list[int]
     logprobs: list[float]
     stop_reason: str  # "stop" | "length"
+    # Per token: top-K (id, logprob), sorted descending (when topk_sample_logprobs > 0).
+    topk_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -72,3 +82,8 @@ class SampleOutput:
     sequences: list[SampledSequence]
     prompt_logprobs: list[float | None] | None = None
     topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
+    # float32 (len(prompt) - 1, K), the request's target shape; 0.0 where the id was -1.
+    target_prompt_logprobs: torch.Tensor | None = None
+    # (len(prompt) - 1, K) int64 draws and their float32 logprobs.
+    prompt_alt_tokens: torch.Tensor | None = None
+    prompt_alt_logprobs: torch.Tensor | None = None
