@@ -42,6 +42,19 @@ def build_schedulers(settings: Settings) -> dict[str, ModelScheduler]:
     return schedulers
 
 
+async def sweep_expired_checkpoints(service: Service, every_seconds: float = 60.0) -> None:
+    """Delete checkpoints whose TTL has passed, even when nobody lists or loads them."""
+    while True:
+        await asyncio.sleep(every_seconds)
+        try:
+            removed = await asyncio.to_thread(service.sweep_expired)
+        except Exception:
+            log.exception("checkpoint expiry sweep failed")
+            continue
+        if removed:
+            log.info("deleted %d expired checkpoints", removed)
+
+
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -64,8 +77,10 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.service = service
         app.state.long_poll_seconds = settings.long_poll_seconds
         app.state.fwdbwd_max_chunk_len = settings.fwdbwd_max_chunk_len
+        sweeper = asyncio.create_task(sweep_expired_checkpoints(service))
         log.info("tinkerd ready: serving %s", ", ".join(schedulers))
         yield
+        sweeper.cancel()
         for scheduler in schedulers.values():
             scheduler.stop()
         store.close()
