@@ -428,3 +428,54 @@ def search_sessions(user: User) -> JSONResponse:
 @router.get("/sessions/{session_id}/trace_export")
 def export_session_trace(session_id: str, user: User) -> JSONResponse:
     return _not_available("session trace export")
+
+
+# -- optional endpoints behind client-config flags tinkerd leaves off ------------------------
+# The SDK calls these only when /client/config (`sample_use_retrieve_futures`,
+# `custom_loss_server_side`, `sample_join_sampling_session`) or /client/dynamic_config
+# (`sample_cancel_enabled`) turns them on, and tinkerd never does; a client that calls them
+# anyway gets a clear 400 (not a bare one, which the SDK would retry).
+
+_NOT_SUPPORTED: dict[str, str] = {
+    "retrieve_futures": (
+        "batched future polling is off (sample_use_retrieve_futures=false); "
+        "poll each request with /retrieve_future"
+    ),
+    "cancel_future": (
+        "sample cancellation is off (sample_cancel_enabled=false); "
+        "abandoned samples simply run to completion"
+    ),
+    "create_custom_loss": (
+        "uploaded loss graphs are not executed on the server (custom_loss_server_side=false); "
+        "the SDK runs create_custom_loss losses on the client"
+    ),
+    "join_sampling_session": (
+        "shared sampling sessions are off (sample_join_sampling_session=false)"
+    ),
+}
+
+
+def _not_supported(name: str) -> JSONResponse:
+    return JSONResponse(
+        {"detail": f"{name} is not supported by tinkerd: {_NOT_SUPPORTED[name]}"}, status_code=400
+    )
+
+
+@router.post("/retrieve_futures")
+def retrieve_futures(user: User) -> JSONResponse:
+    return _not_supported("retrieve_futures")
+
+
+@router.post("/cancel_future")
+def cancel_future(user: User) -> JSONResponse:
+    return _not_supported("cancel_future")
+
+
+@router.post("/create_custom_loss")
+def create_custom_loss(user: User) -> JSONResponse:
+    return _not_supported("create_custom_loss")
+
+
+@router.post("/join_sampling_session")
+def join_sampling_session(user: User) -> JSONResponse:
+    return _not_supported("join_sampling_session")

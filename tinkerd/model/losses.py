@@ -98,8 +98,25 @@ LOSSES: dict[str, tuple[LossFn, tuple[str, ...]]] = {
 }
 
 
+# Loss names of tinker 0.38 that tinkerd cannot run faithfully, with the reason (COMPAT.md).
+UNSUPPORTED_LOSSES: dict[str, str] = {
+    "stable_reinforce": (
+        "its math is not public (neither the SDK nor the cookbook describes it) and it needs "
+        "stability data the hosted sampler records per sequence; use importance_sampling, "
+        "ppo, cispo, dro or gspo"
+    ),
+    "custom": (
+        "uploaded loss graphs are not executed on the server; tinkerd leaves "
+        "custom_loss_server_side off, so create_custom_loss and forward_backward_custom run "
+        "the loss on the client"
+    ),
+}
+
+
 def get_loss(name: str) -> tuple[LossFn, tuple[str, ...]]:
     """The loss function and its required input names, or a LossInputError naming the choices."""
+    if name in UNSUPPORTED_LOSSES:
+        raise LossInputError(f"{name} is not supported by tinkerd: {UNSUPPORTED_LOSSES[name]}")
     if name not in LOSSES:
         known = ", ".join(sorted(LOSSES))
         raise LossInputError(f"unknown loss_fn {name!r}; supported: {known}")
