@@ -18,7 +18,6 @@ from pydantic import BaseModel
 
 from tinkerd.api import schemas
 from tinkerd.api.service import ApiError, Service, not_found
-from tinkerd.checkpoints.paths import TinkerPath
 from tinkerd.checkpoints.peft_format import read_adapter_info
 from tinkerd.store.records import CheckpointRecord, FutureRecord, TrainingRunRecord
 
@@ -353,7 +352,7 @@ def delete_checkpoint(run_id: str, checkpoint_id: str, user: User, svc: Svc) -> 
 def weights_info(request_body: schemas.WeightsInfoRequest, user: User, svc: Svc) -> dict[str, Any]:
     body = plain(request_body)
     tpath, _ = svc.resolve_checkpoint(user, body["tinker_path"])
-    info = read_adapter_info(TinkerPath.storage_dir(tpath, svc.checkpoint_root))
+    info = read_adapter_info(tpath.storage_dir(svc.checkpoint_root))
     return {
         "base_model": info.base_model,
         "is_lora": True,

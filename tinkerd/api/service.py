@@ -468,9 +468,9 @@ class Service:
             return self._save_weights(user, body, run, for_sampler=False, external=True)
 
     def _is_retry(self, model_id: str, seq_id: int) -> bool:
-        return bool(self.store.futures_for_model(model_id, seq_id)[:1]) and (
-            self.store.futures_for_model(model_id, seq_id)[0].seq_id == seq_id
-        )
+        """A future for exactly this (model_id, seq_id) already exists: the SDK retrying."""
+        futures = self.store.futures_for_model(model_id, seq_id)
+        return bool(futures) and futures[0].seq_id == seq_id
 
     def _snapshot(
         self, user: str, body: dict[str, Any], run: TrainingRunRecord, scheduler: ModelScheduler

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tinkerd.checkpoints.atomic import atomic_dir, remove_dir
+from tinkerd.constants import module_kind
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -36,10 +37,6 @@ REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 PEFT_PREFIX = "base_model.model."
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 FORMAT_VERSION = 1
-
-# Same hints as the model layer uses to tell attention from MLP Linears (for external adapters).
-ATTENTION_HINTS = ("attn", "attention")
-MLP_HINTS = ("mlp", "feed_forward", "ffn")
 
 
 @dataclass(frozen=True)
@@ -277,15 +274,8 @@ def _check_peft_config(directory: Path, config: dict[str, Any]) -> None:
 
 def _infer_flags(info: AdapterInfo, weights: dict[str, torch.Tensor]) -> AdapterInfo:
     """train_attn/mlp/unembed for an adapter without tinkerd.json, from its module paths."""
-    kinds = set()
-    for name in weights:
-        parents = name.lower().split(".")[:-3]  # drop "<module>", "lora_X", "weight"
-        if any(h in p for p in parents for h in ATTENTION_HINTS):
-            kinds.add("attn")
-        elif any(h in p for p in parents for h in MLP_HINTS):
-            kinds.add("mlp")
-        else:
-            kinds.add("unembed")
+    # "<module path>.lora_A.weight" -> the module path the model layer classified.
+    kinds = {module_kind(name.rsplit(".", 2)[0]) or "unembed" for name in weights}
     return replace(
         info,
         train_attn="attn" in kinds,

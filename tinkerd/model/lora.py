@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ATTENTION_HINTS = ("attn", "attention")
-MLP_HINTS = ("mlp", "feed_forward", "ffn")
+from tinkerd.constants import module_kind
 
 
 @dataclass(frozen=True)
@@ -152,16 +151,6 @@ class Adapter:
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.params.values())
-
-
-def module_kind(path: str) -> str | None:
-    """'attn', 'mlp' or None for a Linear at `path`, judged by the names of its parents."""
-    parts = path.lower().split(".")[:-1]
-    if any(h in p for p in parts for h in ATTENTION_HINTS):
-        return "attn"
-    if any(h in p for p in parts for h in MLP_HINTS):
-        return "mlp"
-    return None
 
 
 class MultiLoraModel:
