@@ -3,18 +3,26 @@
 import json
 from dataclasses import fields
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from tinkerd.config import Settings
 
+if TYPE_CHECKING:
+    from tinkerd.store.store import Store
+
 app = typer.Typer(help="tinkerd: self-hosted server for the Tinker fine-tuning API.")
 bench_app = typer.Typer(help="Benchmarks (each prints a JSON line of figures last).")
 app.add_typer(bench_app, name="bench")
+keys_app = typer.Typer(help="API keys: users of this server (see README, Users and API keys).")
+app.add_typer(keys_app, name="keys")
 
 DataDirOption = Annotated[
     Path | None, typer.Option(help="Data directory [env: TINKERD_DATA_DIR]", show_default=False)
+]
+DatabaseUrlOption = Annotated[
+    str | None, typer.Option(help="SQLAlchemy URL [env: TINKERD_DATABASE_URL]")
 ]
 
 
@@ -31,22 +39,24 @@ def serve(
         list[str] | None,
         typer.Option(help="Base model name or path, repeatable [env: TINKERD_MODELS]"),
     ] = None,
-    database_url: Annotated[
-        str | None, typer.Option(help="SQLAlchemy URL [env: TINKERD_DATABASE_URL]")
-    ] = None,
+    database_url: DatabaseUrlOption = None,
     dtype: Annotated[
         str | None, typer.Option(help="float32 | bfloat16 [env: TINKERD_DTYPE]")
     ] = None,
     device: Annotated[str | None, typer.Option(help="cpu | cuda [env: TINKERD_DEVICE]")] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure",
+            help="Serve a non-loopback host with no registered API key [env: TINKERD_INSECURE]",
+            show_default=False,
+        ),
+    ] = False,
 ) -> None:
     """Run the Tinker-compatible HTTP server."""
     import logging
     import signal
     import sys
-
-    import uvicorn
-
-    from tinkerd.api.app import create_app
 
     settings = _settings(
         host=host,
@@ -56,18 +66,119 @@ def serve(
         database_url=database_url,
         dtype=dtype,
         device=device,
+        insecure=insecure or None,  # unset: TINKERD_INSECURE decides
     )
+    registered = _check_exposure(settings)
+
+    # Imported after the check (they pull in torch), so a refusal is immediate.
+    import uvicorn
+
+    from tinkerd.api.app import create_app
+
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     url = f"http://{settings.host}:{settings.port}"
     typer.echo(f"tinkerd: serving {', '.join(settings.models)} at {url}")
     typer.echo(f"  export TINKER_BASE_URL={url}")
-    typer.echo("  export TINKER_API_KEY=tml-local   # any key starting with tml-")
+    if registered:
+        typer.echo("  export TINKER_API_KEY=...   # a key from `tinkerd keys create --name NAME`")
+    else:
+        typer.echo("  export TINKER_API_KEY=tml-local   # any key starting with tml-")
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal under the handler
     # that was in place before it started: make that one a clean exit (status 0).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+def _store(settings: Settings) -> "Store":
+    """The server's database (the data dir is created for the default SQLite file)."""
+    from tinkerd.store.store import Store
+
+    if settings.database_url is None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return Store(settings.resolved_database_url())
+
+
+def _check_exposure(settings: Settings) -> bool:
+    """Refuse (exit 2) to serve a non-loopback address with no usable key, where in
+    zero-setup mode anyone who can reach the port is a user, unless --insecure; returns
+    whether keys are registered (the server's mode). Runs before any model is loaded, so a
+    refusal is immediate."""
+    from tinkerd.api.auth import is_loopback
+
+    with _store(settings) as store:
+        keys = store.list_api_keys()
+    registered = bool(keys)
+    if any(k.revoked_at is None for k in keys) or is_loopback(settings.host):
+        return registered
+    if not settings.insecure:
+        typer.echo(
+            f"tinkerd: refusing to serve {settings.host}, which other machines can reach, "
+            "with no unrevoked API key registered. Create a key with "
+            "`tinkerd keys create --name NAME` (same --data-dir/--database-url), bind "
+            "127.0.0.1, or pass --insecure to accept any tml- key.",
+            err=True,
+        )
+        raise typer.Exit(2)
+    typer.echo(
+        f"tinkerd: WARNING: --insecure: serving {settings.host} with no registered API key; "
+        "anyone who can reach it can use it",
+        err=True,
+    )
+    return False
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="User name: keys with the same name are one user")],
+    data_dir: DataDirOption = None,
+    database_url: DatabaseUrlOption = None,
+) -> None:
+    """Register a new API key and print it (only its hash is stored: it is shown once)."""
+    from tinkerd.api.auth import register_key
+
+    with _store(_settings(data_dir=data_dir, database_url=database_url)) as store:
+        try:
+            rec, api_key = register_key(store, name)
+        except ValueError as exc:
+            typer.echo(f"tinkerd: {exc}", err=True)
+            raise typer.Exit(1) from exc
+    typer.echo(api_key)
+    typer.echo(f"created key {rec.key_id} for user {rec.name!r}; it is not shown again", err=True)
+
+
+@keys_app.command("list")
+def keys_list(data_dir: DataDirOption = None, database_url: DatabaseUrlOption = None) -> None:
+    """List registered keys (id, name, created, revoked); never the keys themselves."""
+    with _store(_settings(data_dir=data_dir, database_url=database_url)) as store:
+        records = store.list_api_keys()
+    rows = [("ID", "NAME", "CREATED", "REVOKED")]
+    for r in records:
+        created = r.created_at.isoformat(timespec="seconds") if r.created_at else "-"
+        revoked = r.revoked_at.isoformat(timespec="seconds") if r.revoked_at else "-"
+        rows.append((r.key_id, r.name, created, revoked))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key's id, from `tinkerd keys list`")],
+    data_dir: DataDirOption = None,
+    database_url: DatabaseUrlOption = None,
+) -> None:
+    """Revoke a key: a running server refuses it within a couple of seconds."""
+    with _store(_settings(data_dir=data_dir, database_url=database_url)) as store:
+        rec = store.get_api_key(key_id)
+        if rec is None:
+            typer.echo(f"tinkerd: no key with id {key_id!r}", err=True)
+            raise typer.Exit(1)
+        if not store.revoke_api_key(key_id):
+            typer.echo(f"key {key_id} was already revoked")
+            return
+    typer.echo(f"revoked key {key_id} of user {rec.name!r}")
 
 
 @app.command("prepare-model")

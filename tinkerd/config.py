@@ -22,6 +22,8 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    # Serve a non-loopback host even with no registered API key (anyone reaching it is a user).
+    insecure: bool = False
     data_dir: Path = Field(default_factory=default_data_dir)
     models: list[str] = Field(default_factory=lambda: [EMBEDDED_MODEL])
     database_url: str | None = None  # default: SQLite in the data dir

@@ -23,6 +23,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.exc import IntegrityError
 
 from tinkerd.store import (
+    ApiKeyRecord,
     CheckpointRecord,
     FutureRecord,
     SamplingSessionRecord,
@@ -31,6 +32,7 @@ from tinkerd.store import (
     TrainingRunRecord,
 )
 from tinkerd.store.db import (
+    ApiKeyRow,
     Base,
     CheckpointRow,
     FutureRow,
@@ -521,3 +523,43 @@ def test_every_record_field_has_a_column(record: type, row: type[Base]) -> None:
 def test_unsupported_database_is_refused() -> None:
     with pytest.raises(ValueError, match="unsupported database"):
         Store("mysql://localhost/db")
+
+
+# API keys
+
+
+def _key(key_id: str, name: str = "alice", **kw: object) -> ApiKeyRecord:
+    return ApiKeyRecord(key_id=key_id, name=name, key_hash=f"hash-{key_id}", **kw)  # type: ignore[arg-type]
+
+
+def test_api_key_roundtrip_list_and_revoke(store: Store) -> None:
+    assert store.list_api_keys() == []
+    store.create_api_key(_key("k1", created_at=T0))
+    store.create_api_key(_key("k2", name="bob", created_at=T0 + timedelta(seconds=1)))
+    first = store.get_api_key("k1")
+    assert first is not None and first.name == "alice" and first.key_hash == "hash-k1"
+    assert first.created_at == T0 and first.revoked_at is None
+    assert [k.key_id for k in store.list_api_keys()] == ["k1", "k2"]
+    assert store.get_api_key("missing") is None
+
+    assert store.revoke_api_key("k1") is True
+    revoked = store.get_api_key("k1")
+    assert revoked is not None and _is_utc(revoked.revoked_at)
+    assert store.revoke_api_key("k1") is False  # already revoked: the first time stays
+    assert store.get_api_key("k1") == revoked
+    assert store.revoke_api_key("missing") is False
+    assert store.get_api_key("k2").revoked_at is None  # type: ignore[union-attr]
+
+
+def test_api_key_hash_and_id_are_unique(store: Store) -> None:
+    store.create_api_key(_key("k1"))
+    duplicate_hash = ApiKeyRecord(key_id="k2", name="bob", key_hash="hash-k1")
+    with pytest.raises(IntegrityError):
+        store.create_api_key(duplicate_hash)
+    with pytest.raises(IntegrityError):
+        store.create_api_key(_key("k1", name="carol"))
+    assert [k.key_id for k in store.list_api_keys()] == ["k1"]
+
+
+def test_api_key_record_fields_have_columns() -> None:
+    assert {f.name for f in fields(ApiKeyRecord)} == set(ApiKeyRow.__table__.columns.keys())

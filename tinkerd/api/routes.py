@@ -7,7 +7,6 @@ handlers run in FastAPI's threadpool (they do blocking database work); `retrieve
 
 import asyncio
 import contextlib
-import hashlib
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -16,7 +15,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel
 
-from tinkerd.api import schemas
+from tinkerd.api import auth, schemas
 from tinkerd.api.service import ApiError, Service, not_found
 from tinkerd.checkpoints.peft_format import read_adapter_info
 from tinkerd.store.records import CheckpointRecord, FutureRecord, TrainingRunRecord
@@ -34,11 +33,12 @@ def service(request: Request) -> Service:
     return request.app.state.service
 
 
-def current_user(x_api_key: Annotated[str | None, Header()] = None) -> str:
-    """Each distinct `tml-` key is its own user (keys are never stored in clear)."""
-    if not x_api_key or not x_api_key.startswith("tml-"):
-        raise ApiError(401, "missing or malformed X-API-Key (expected a key starting with tml-)")
-    return hashlib.sha256(x_api_key.encode()).hexdigest()[:32]
+def current_user(request: Request, x_api_key: Annotated[str | None, Header()] = None) -> str:
+    """The caller's user id; the rule (zero-setup or registered keys) is in auth.py."""
+    try:
+        return auth.authenticator(request.app.state).user(x_api_key)
+    except auth.AuthError as exc:
+        raise ApiError(401, str(exc)) from exc
 
 
 User = Annotated[str, Depends(current_user)]

@@ -608,15 +608,18 @@ class Service:
             base_model = sampler.base_model
         else:
             sampler, base_model = None, body.get("base_model")
-            if not base_model:
-                raise ApiError(400, "sampling_session_id or base_model is required")
-        scheduler = self.scheduler(base_model)
+            if not base_model and not body.get("model_path"):
+                raise ApiError(400, "sampling_session_id, model_path or base_model is required")
+        # A sampler's checkpoint, or one named in the request: either way own or public only.
+        model_path = sampler.model_path if sampler is not None else body.get("model_path")
         adapter_id, snapshot_dir = None, None
-        if sampler is not None and sampler.model_path:
-            tpath, _ = self.resolve_checkpoint(user, sampler.model_path)
+        if model_path:
+            tpath, _ = self.resolve_checkpoint(user, model_path)
             adapter_id, snapshot_dir = str(tpath), tpath.storage_dir(self.checkpoint_root)
+            base_model = base_model or read_adapter_info(snapshot_dir).base_model
         elif sampler is not None and sampler.snapshot_of:
             adapter_id = sampler.sampling_session_id
+        scheduler = self.scheduler(base_model)
         try:
             target, target_layout = None, None
             if body.get("target_prompt_logprobs") is not None:

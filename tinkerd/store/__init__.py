@@ -1,6 +1,8 @@
-"""Durable state (SQLAlchemy): sessions, training runs, futures, checkpoints, sampling sessions."""
+"""Durable state (SQLAlchemy): sessions, training runs, futures, checkpoints, sampling sessions,
+API keys."""
 
 from tinkerd.store.records import (
+    ApiKeyRecord,
     CheckpointRecord,
     FutureRecord,
     SamplingSessionRecord,
@@ -10,6 +12,7 @@ from tinkerd.store.records import (
 from tinkerd.store.store import Store
 
 __all__ = [
+    "ApiKeyRecord",
     "CheckpointRecord",
     "FutureRecord",
     "SamplingSessionRecord",

@@ -79,3 +79,15 @@ class SamplingSessionRecord:
     model_path: str | None = None
     snapshot_of: str | None = None  # training run whose in-memory snapshot this samples
     created_at: datetime | None = None
+
+
+@dataclass
+class ApiKeyRecord:
+    """A registered API key. Only the key's SHA-256 is stored; the user it stands for is
+    `name` (keys sharing a name are one user, so keys can be rotated)."""
+
+    key_id: str  # short public id, shown by `tinkerd keys list`
+    name: str
+    key_hash: str  # hex SHA-256 of the whole key
+    created_at: datetime | None = None
+    revoked_at: datetime | None = None

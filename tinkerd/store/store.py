@@ -17,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from tinkerd.store.db import (
+    ApiKeyRow,
     Base,
     CheckpointRow,
     FutureRow,
@@ -25,6 +26,7 @@ from tinkerd.store.db import (
     TrainingRunRow,
 )
 from tinkerd.store.records import (
+    ApiKeyRecord,
     CheckpointRecord,
     FutureRecord,
     SamplingSessionRecord,
@@ -91,7 +93,7 @@ def _sqlite_engine(url: str) -> Engine:
 
 
 class Store:
-    """Sessions, training runs, futures, checkpoints and sampling sessions, durably.
+    """Sessions, training runs, futures, checkpoints, sampling sessions and API keys, durably.
 
     `url` is a SQLAlchemy URL: `sqlite:///path/to/tinkerd.db` (a file) or
     `postgresql+psycopg://user@host/db`. Tables are created if missing.
@@ -406,3 +408,28 @@ class Store:
             if row is None or (user is not None and row.user != user):
                 return None
             return _to_record(SamplingSessionRecord, row)
+
+    # API keys
+
+    def create_api_key(self, rec: ApiKeyRecord) -> None:
+        """Register a key (by its hash). Raises IntegrityError on a duplicate id or hash."""
+        with self._write() as s:
+            s.add(_to_row(ApiKeyRow, rec))
+
+    def get_api_key(self, key_id: str) -> ApiKeyRecord | None:
+        with self._read() as s:
+            row = s.get(ApiKeyRow, key_id)
+            return None if row is None else _to_record(ApiKeyRecord, row)
+
+    def list_api_keys(self) -> list[ApiKeyRecord]:
+        """Every registered key, revoked ones included, oldest first (a short table: the
+        server caches it whole)."""
+        with self._read() as s:
+            rows = s.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created_at, ApiKeyRow.key_id))
+            return [_to_record(ApiKeyRecord, r) for r in rows]
+
+    def revoke_api_key(self, key_id: str) -> bool:
+        """Mark the key revoked now; False if unknown or already revoked (the first
+        revocation time stays)."""
+        where = (ApiKeyRow.key_id == key_id) & ApiKeyRow.revoked_at.is_(None)
+        return self._update(ApiKeyRow, where, revoked_at=_now())
