@@ -30,7 +30,11 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: str = "cpu"
     threads: int | None = None
-    token_budget: int = 8192  # tokens per forward/backward micro-batch
+    token_budget: int = 8192  # most padded tokens per forward/backward micro-batch
+    # Memory for one micro-batch's activations; the budget in tokens is this divided by the
+    # bytes per token measured at startup. None: a quarter of RAM (1-8 GiB) on CPU, half of
+    # the free memory on a GPU.
+    train_memory_gb: float | None = None
     long_poll_seconds: float = 30.0  # how long retrieve_future waits before try_again
     # Datums per forward_backward request that clients are told to send (the SDK splits
     # larger batches into chunks); None leaves the SDK's default (1024).

@@ -130,3 +130,37 @@ def test_failures_stay_with_their_op(tiny_base: BaseModel, tmp_path: Path) -> No
     assert isinstance(rec.results["s-bad"], ValueError)
     assert rec.results["good"].metrics["loss:sum"] > 0
     assert len(rec.results["s-good"].sequences[0].tokens) == 3
+
+
+def test_micro_batches_are_bounded_by_padded_size(tiny_base: BaseModel) -> None:
+    """Rows are padded to the longest row of their pass, so the budget bounds rows x longest:
+    a short row and a long row that fit by token count (5 + 30 <= 40) still go apart."""
+    scheduler, worker = make(tiny_base, budget=40)
+    padded: list[int] = []
+    original = worker.forward_backward
+
+    def counting(inputs: list[ForwardBackwardInput]) -> list:
+        rows = [len(d.tokens) for i in inputs for d in i.data]
+        padded.append(len(rows) * max(rows))
+        return original(inputs)
+
+    worker.forward_backward = counting  # type: ignore[method-assign]
+    rec = Recorder()
+    scheduler.submit(rec.op("c", CreateAdapter(LoraConfig(rank=4, seed=0)), "r", 0))
+    data = [datum(list(range(1, 7))), datum(list(range(1, 32))), datum(list(range(1, 12)))]
+    scheduler.submit(rec.op("fb", fb("r", data), "r", 1))
+    rec.wait(2)
+    scheduler.stop()
+    assert len(rec.results["fb"].loss_fn_outputs) == 3
+    assert padded == [5, 30, 10], padded
+
+
+def test_activation_probe_measures_per_token_memory(tiny_base: BaseModel) -> None:
+    """The probe measures what backward keeps per token (weights excluded) and leaves no
+    adapter behind."""
+    worker = ModelWorker(tiny_base)
+    per_token = worker.activation_bytes_per_token()
+    config = tiny_base.model.config
+    # At least the hidden state of every layer in float32, twice (activations + gradients).
+    assert per_token >= 2 * config.num_hidden_layers * config.hidden_size * 4
+    assert worker.lora.adapters == {}

@@ -10,6 +10,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import psutil
 import torch
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -38,8 +39,30 @@ def build_schedulers(settings: Settings) -> dict[str, ModelScheduler]:
             name, data_dir=settings.data_dir, dtype=settings.dtype, device=settings.device
         )
         worker = ModelWorker(base, autocast_dtype=autocast)
-        schedulers[base.info.name] = ModelScheduler(worker, token_budget=settings.token_budget)
+        budget = train_token_budget(worker, settings)
+        schedulers[base.info.name] = ModelScheduler(worker, token_budget=budget)
     return schedulers
+
+
+def train_token_budget(worker: ModelWorker, settings: Settings) -> int:
+    """Padded tokens per forward_backward micro-batch: what fits the activation memory."""
+    memory = settings.train_memory_gb
+    if memory is None:
+        if worker.base.device.type == "cuda":
+            memory = torch.cuda.mem_get_info(worker.base.device)[0] / 2 / 2**30
+        else:
+            memory = min(8.0, max(1.0, psutil.virtual_memory().total / 4 / 2**30))
+    per_token = worker.activation_bytes_per_token()
+    budget = max(1, min(settings.token_budget, int(memory * 2**30) // per_token))
+    log.info(
+        "%s: %.2f MB of activations per training token; micro-batches of up to %d tokens "
+        "(%.1f GiB)",
+        worker.info.name,
+        per_token / 2**20,
+        budget,
+        memory,
+    )
+    return budget
 
 
 async def sweep_expired_checkpoints(service: Service, every_seconds: float = 60.0) -> None:

@@ -343,6 +343,7 @@ class Service:
                 validate_input(item, info.vocab_size, info.context_length)
             except LossInputError as exc:
                 raise ApiError(400, str(exc)) from exc
+            _check_fits_memory(item, scheduler.token_budget)
 
         def encode(result: object) -> tuple[bytes, str]:
             return codec.encode_forward_backward_output(result), "proto"  # type: ignore[arg-type]
@@ -844,6 +845,21 @@ class Service:
                 "server",
             )
         return len(stale)
+
+
+def _check_fits_memory(item: ForwardBackwardInput, token_budget: int) -> None:
+    """A training sequence must fit one micro-batch's activation memory; a longer one would
+    exhaust the server's memory for every tenant."""
+    if item.forward_only:
+        return
+    for i, datum in enumerate(item.data):
+        if len(datum.tokens) > token_budget:
+            raise ApiError(
+                400,
+                f"data[{i}].model_input has {len(datum.tokens)} tokens; this server trains "
+                f"sequences of at most {token_budget} tokens (its activation memory, "
+                "TINKERD_TRAIN_MEMORY_GB, bounds that)",
+            )
 
 
 def sampling_params(d: dict[str, Any]) -> SamplingParams:

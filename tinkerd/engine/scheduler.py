@@ -3,9 +3,10 @@
 Training: each run's ops execute strictly in `seq_id` order with no gaps; ops that arrive early
 wait (the SDK sends chunks 2..n before chunk 1), and a repeat of a seq_id is ignored. Every
 loop takes, from every run, the contiguous forward_backward ops at the head of its queue and
-packs them into micro-batches of at most `token_budget` tokens, so tenants share passes but no
-batch can exhaust memory. Each op completes as soon as its own rows are done. Other ops
-(optim_step, saves, loads) run one at a time in their run's order.
+packs them into micro-batches of at most `token_budget` padded tokens, so tenants share passes
+but no batch can exhaust memory (the budget comes from the activation memory per token measured
+at startup). Each op completes as soon as its own rows are done. Other ops (optim_step, saves,
+loads) run one at a time in their run's order.
 
 Sampling: pending sample ops of every sampling client are batched together, alternating with
 training so neither starves the other.
@@ -176,23 +177,26 @@ class ModelScheduler:
         return barriers, slices
 
     def _micro_batches(self, slices: list[_Slice]) -> list[list[_Slice]]:
-        """Split ops' datums into batches of at most `token_budget` tokens (a datum larger
-        than the budget goes alone)."""
+        """Split ops' datums into batches that fit `token_budget`. Rows are padded to the
+        longest row of their batch, so a batch costs rows x longest, not the sum of lengths
+        (29 rows of 80 to 513 tokens hold 8180 tokens but cost 14877). A datum longer than the
+        budget goes alone."""
         batches: list[list[_Slice]] = []
         current: list[_Slice] = []
-        used = 0
+        rows = longest = 0
         for s in slices:
             data = s.op.action.input.data  # type: ignore[union-attr]
             start = 0
             for i, datum in enumerate(data):
                 n = len(datum.tokens)
-                if used > 0 and used + n > self.token_budget:
+                if rows > 0 and (rows + 1) * max(longest, n) > self.token_budget:
                     if i > start:
                         current.append(_Slice(s.op, start, i))
                         start = i
                     batches.append(current)
-                    current, used = [], 0
-                used += n
+                    current, rows, longest = [], 0, 0
+                rows += 1
+                longest = max(longest, n)
             current.append(_Slice(s.op, start, len(data)))
         if current:
             batches.append(current)

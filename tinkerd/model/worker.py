@@ -15,6 +15,7 @@ from tinkerd.model.optimizer import AdamParams, AdapterOptimizer, OptimStepResul
 from tinkerd.model.sampling import sample, validate_sample_input
 from tinkerd.model.training import forward_backward, validate_input
 from tinkerd.model.types import (
+    Datum,
     ForwardBackwardInput,
     ForwardBackwardOutput,
     SampleInput,
@@ -88,6 +89,37 @@ class ModelWorker:
                 self._adapter(item.adapter_id)
         with self._autocast():
             return forward_backward(self.lora, inputs, self.info.pad_token_id)
+
+    def activation_bytes_per_token(self) -> int:
+        """Memory one training token costs during forward_backward, measured, not guessed.
+
+        A probe adapter runs two forward passes of different lengths while a hook adds up the
+        tensors autograd saves for backward (weights count in both and cancel out). Backward
+        holds about as much again in gradients of those activations, hence the factor 2
+        (on SmolLM2 in float32: 1.36 MB saved per token, 2.7 MB peak RSS per token).
+        """
+        probe = "__activation_probe__"
+        self.add_adapter(probe, LoraConfig(seed=0))  # seeded: leaves the global RNG alone
+        try:
+            saved = [self._saved_bytes(probe, n) for n in (8, 40)]
+        finally:
+            self.remove_adapter(probe)
+        return max(1, 2 * (saved[1] - saved[0]) // 32)
+
+    def _saved_bytes(self, adapter_id: str, tokens: int) -> int:
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        ids = torch.arange(tokens) % self.info.vocab_size
+        datum = Datum(ids.tolist(), {"target_tokens": ids, "weights": torch.ones(tokens)})
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            self.forward_backward([ForwardBackwardInput(adapter_id, [datum])])
+        self.zero_grad(adapter_id)
+        return sum(storages.values())
 
     def optim_step(self, adapter_id: str, params: AdamParams) -> OptimStepResult:
         adapter = self._adapter(adapter_id)
