@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     # Datums per forward_backward request that clients are told to send (the SDK splits
     # larger batches into chunks); None leaves the SDK's default (1024).
     fwdbwd_max_chunk_len: int | None = None
+    # Largest request body accepted (413 above it). The SDK's forward_backward chunks are ~5 MB
+    # and its sample requests far smaller, so the default leaves ample room.
+    max_body_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'tinkerd.db'}"

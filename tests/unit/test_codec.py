@@ -739,7 +739,7 @@ def test_sdk_requests_parse() -> None:
     got_d = schemas.OptimStepRequest.model_validate(sdk_json(dimuon))
     assert got_d.optimizer_params is not None and got_d.optimizer_params.type == "dimuon"
     internal = schemas.OptimStepRequest.model_validate(
-        {"model_id": "m", "optim_params": {"learning_rate": 0.5}}
+        {"model_id": "m", "seq_id": 1, "optim_params": {"learning_rate": 0.5}}
     )
     assert internal.adam_params is not None and internal.adam_params.learning_rate == 0.5
 

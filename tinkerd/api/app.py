@@ -13,12 +13,12 @@ from contextlib import asynccontextmanager
 import psutil
 import torch
 from fastapi import FastAPI, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from tinkerd.api.body_limit import BodySizeLimit
 from tinkerd.api.futures import FutureHub
-from tinkerd.api.routes import router
+from tinkerd.api.routes import router, skip_rejected_seq, validation_detail
 from tinkerd.api.service import ApiError, Service
 from tinkerd.checkpoints.atomic import cleanup_leftovers
 from tinkerd.config import Settings
@@ -110,6 +110,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="tinkerd", version="0.1.0", lifespan=lifespan)
     app.include_router(router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -120,7 +121,8 @@ def create_app(settings: Settings) -> FastAPI:
         return JSONResponse({"detail": f"missing field {exc.args[0]!r}"}, status_code=400)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        await skip_rejected_seq(request, exc.body)
+        return JSONResponse({"detail": validation_detail(exc.errors())}, status_code=422)
 
     return app

@@ -22,15 +22,20 @@ import zstandard
 from google.protobuf.message import DecodeError
 
 from tinkerd.api import proto
+from tinkerd.model.sampling import MAX_OUTPUT_CELLS
 from tinkerd.model.types import Datum, ForwardBackwardOutput, SampleOutput
 
 # A forward_backward body is a few MB at most (the SDK chunks at ~5 MB); this caps a zstd/gzip
 # bomb without getting in the way of real requests.
-MAX_DECOMPRESSED_BYTES = 1 << 30
+MAX_DECOMPRESSED_BYTES = 256 << 20
 
 # Top-k cells with nothing in them (the SDK's MASK_LOGPROB sentinel, token id 0).
 TOPK_EMPTY_TOKEN = 0
 TOPK_EMPTY_LOGPROB = -99999.0
+
+# Cells a decoded tensor may have. Real inputs are (N,) or (N, K) with N within the context;
+# without a bound a tiny CSR message declaring a huge shape would densify into gigabytes.
+MAX_TENSOR_CELLS = 1 << 26
 
 # Keys whose values are token ids; every other loss_fn_input is float32.
 _INT_KEYS = frozenset({"target_tokens"})
@@ -140,12 +145,20 @@ def _to_torch(arr: np.ndarray, proto_dtype: int, key: str, what: str) -> torch.T
 
 
 def _csr_to_dense(
-    values: np.ndarray, crow: np.ndarray, col: np.ndarray, shape: list[int], pad: float, what: str
+    values: np.ndarray,
+    crow: np.ndarray,
+    col: np.ndarray,
+    shape: list[int],
+    pad: float,
+    what: str,
+    max_cells: int = MAX_TENSOR_CELLS,
 ) -> np.ndarray:
     """Densify a 2-D CSR matrix, checking every index so bad input cannot crash or misplace."""
     if len(shape) != 2 or min(shape) < 0:
         raise CodecError(f"{what}: a sparse CSR tensor needs a 2-D shape, got {shape}")
     nrows, ncols = shape
+    if nrows * ncols > max_cells:
+        raise CodecError(f"{what}: shape {shape} has more than {max_cells} cells")
     nnz = len(values)
     if len(crow) != nrows + 1:
         raise CodecError(f"{what}: crow_indices has {len(crow)} entries, expected {nrows + 1}")
@@ -162,9 +175,12 @@ def _csr_to_dense(
 
 
 def _check_shape(shape: list[int], size: int, what: str) -> list[int]:
-    """Infer 1-D from an empty shape; otherwise the shape must cover exactly `size` elements."""
+    """Infer 1-D from an empty shape; otherwise a 1-D or 2-D shape that covers exactly `size`
+    elements (every Tinker tensor input is (N,) or (N, K))."""
     if not shape:
         return [size]
+    if len(shape) > 2:
+        raise CodecError(f"{what}: shape {shape} has {len(shape)} dimensions; at most 2")
     if any(d < 0 for d in shape) or math.prod(shape) != size:
         raise CodecError(f"{what}: shape {shape} does not match {size} elements")
     return shape
@@ -208,16 +224,28 @@ def _datum_from_proto(msg: Any, index: int) -> Datum:
     return Datum(tokens=tokens, loss_fn_inputs=inputs)
 
 
-def decode_forward_backward(
-    body: bytes, content_encoding: str | None = None
-) -> ForwardBackwardRequestData:
-    """Decode a `POST /api/v1/forward_backward` body (protobuf, maybe zstd-compressed)."""
+def parse_forward_backward(body: bytes, content_encoding: str | None = None) -> Any:
+    """Parse a `POST /api/v1/forward_backward` body (protobuf, maybe zstd-compressed) into the
+    proto message, without decoding its tensors: the caller can check `model_id` and
+    `seq_id` first, so that a request with bad data still accounts for its seq_id."""
     raw = decompress_body(body, content_encoding)
     msg = proto.ForwardBackwardRequest()
     try:
         msg.ParseFromString(raw)
-    except DecodeError as exc:
+    except (DecodeError, RuntimeError, ValueError) as exc:
         raise CodecError(f"malformed ForwardBackwardRequest protobuf: {exc}") from exc
+    return msg
+
+
+def decode_forward_backward(
+    body: bytes, content_encoding: str | None = None
+) -> ForwardBackwardRequestData:
+    """Decode a `POST /api/v1/forward_backward` body (protobuf, maybe zstd-compressed)."""
+    return forward_backward_data(parse_forward_backward(body, content_encoding))
+
+
+def forward_backward_data(msg: Any) -> ForwardBackwardRequestData:
+    """Decode a parsed ForwardBackwardRequest: config maps and every datum's tensors."""
     config: dict[str, float] = dict(msg.loss_fn_config.items())
     text: dict[str, str] = {}
     for key, value in msg.loss_fn_config_v2.items():
@@ -255,8 +283,19 @@ def _json_list(d: Mapping[str, Any], key: str, *, ints: bool, what: str) -> list
     return value
 
 
+def _int64s(values: list[int], what: str) -> np.ndarray:
+    try:
+        return np.asarray(values, dtype=np.int64)
+    except OverflowError as exc:
+        raise CodecError(f"{what}: value out of range for int64") from exc
+
+
 def tensor_from_json(
-    d: Mapping[str, Any], *, pad_value: float = 0, what: str = "tensor"
+    d: Mapping[str, Any],
+    *,
+    pad_value: float = 0,
+    what: str = "tensor",
+    max_cells: int = MAX_TENSOR_CELLS,
 ) -> torch.Tensor:
     """Decode TensorData JSON (`data`, `dtype`, `shape`?, CSR indices?) to a torch tensor.
 
@@ -277,9 +316,9 @@ def tensor_from_json(
     except OverflowError as exc:
         raise CodecError(f"{what}.data: value out of range for {dtype}") from exc
     if d.get("sparse_crow_indices") is not None:
-        crow = np.asarray(_json_list(d, "sparse_crow_indices", ints=True, what=what), np.int64)
-        col = np.asarray(_json_list(d, "sparse_col_indices", ints=True, what=what), np.int64)
-        arr = _csr_to_dense(values, crow, col, shape, pad_value, what)
+        crow = _int64s(_json_list(d, "sparse_crow_indices", ints=True, what=what), what)
+        col = _int64s(_json_list(d, "sparse_col_indices", ints=True, what=what), what)
+        arr = _csr_to_dense(values, crow, col, shape, pad_value, what, max_cells)
     else:
         arr = values.reshape(_check_shape(shape, values.size, what))
     return torch.from_numpy(np.ascontiguousarray(arr))
@@ -293,7 +332,9 @@ class CsrLayout:
     col_indices: np.ndarray
 
 
-def target_prompt_ids(d: Mapping[str, Any]) -> tuple[torch.Tensor, CsrLayout | None]:
+def target_prompt_ids(
+    d: Mapping[str, Any], max_cells: int = MAX_OUTPUT_CELLS
+) -> tuple[torch.Tensor, CsrLayout | None]:
     """`target_prompt_logprobs` of /asample: a 2-D int64 TensorData, dense or CSR (unlisted
     cells are -1, "no request"). Returns the dense ids and the CSR layout if it had one."""
     what = "target_prompt_logprobs"
@@ -304,12 +345,11 @@ def target_prompt_ids(d: Mapping[str, Any]) -> tuple[torch.Tensor, CsrLayout | N
     shape = d.get("shape")
     if not isinstance(shape, list) or len(shape) != 2:
         raise CodecError(f"{what} must be 2-D, [len(prompt) - 1, K], got shape {shape!r}")
-    ids = tensor_from_json(d, pad_value=-1, what=what)
+    ids = tensor_from_json(d, pad_value=-1, what=what, max_cells=max_cells)
     layout = None
     if d.get("sparse_crow_indices") is not None:
         layout = CsrLayout(
-            np.asarray(d["sparse_crow_indices"], dtype=np.int64),
-            np.asarray(d["sparse_col_indices"], dtype=np.int64),
+            _int64s(d["sparse_crow_indices"], what), _int64s(d["sparse_col_indices"], what)
         )
     return ids, layout
 

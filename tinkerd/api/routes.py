@@ -7,10 +7,12 @@ handlers run in FastAPI's threadpool (they do blocking database work); `retrieve
 
 import asyncio
 import contextlib
+import json
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel
@@ -20,7 +22,24 @@ from tinkerd.api.service import ApiError, Service, not_found
 from tinkerd.checkpoints.peft_format import read_adapter_info
 from tinkerd.store.records import CheckpointRecord, FutureRecord, TrainingRunRecord
 
-router = APIRouter(prefix="/api/v1")
+# Every caller error is one of these, with a JSON body `{"detail": ...}` (422s: FastAPI's list
+# of {loc, msg, type}); documented so the OpenAPI schema (and schemathesis) know them.
+_ERROR = {"model": schemas.ErrorResponse}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {**_ERROR, "description": "Malformed or invalid request"},
+    401: {**_ERROR, "description": "Missing or unknown API key"},
+    403: {**_ERROR, "description": "Not allowed"},
+    404: {**_ERROR, "description": "Unknown id, path or model, or not available here"},
+    413: {**_ERROR, "description": "Request body over the server's size limit"},
+}
+
+router = APIRouter(prefix="/api/v1", responses=ERROR_RESPONSES)
+
+# Training requests addressed by (model_id, seq_id) in a JSON body (see skip_rejected_seq).
+_SEQUENCED_ENDPOINTS = frozenset(
+    {"optim_step", "save_weights", "save_weights_for_sampler", "save_weights_external"}
+    | {"load_weights"}
+)
 
 
 def plain(request_body: BaseModel) -> dict[str, Any]:
@@ -41,7 +60,53 @@ def current_user(request: Request, x_api_key: Annotated[str | None, Header()] = 
         raise ApiError(401, str(exc)) from exc
 
 
+async def skip_rejected_seq(request: Request, body: Any) -> None:
+    """A training request that failed schema validation (422) never reaches the service, yet
+    the SDK has used up its seq_id and will not resend it: let the run's sequence move past
+    it (as the service does for its own 4xx), or every later request of the run would wait
+    for it forever. Only for the caller's own run, and only when the body names both ids."""
+    if request.url.path.rsplit("/", 1)[-1] not in _SEQUENCED_ENDPOINTS:
+        return
+    if not isinstance(body, dict):
+        return
+    model_id, seq_id = body.get("model_id"), body.get("seq_id")
+    if not isinstance(model_id, str) or type(seq_id) is not int or not 1 <= seq_id < 2**63:
+        return
+    svc: Service = request.app.state.service
+
+    def skip() -> None:
+        try:
+            user = current_user(request=request, x_api_key=request.headers.get("x-api-key"))
+        except ApiError:
+            return
+        run = svc.store.get_training_run(model_id, user)
+        if run is None or svc._is_retry(model_id, seq_id):
+            return  # not the caller's run, or that seq_id has a request already
+        # The service's own path for a refused request of a run (it records the refusal
+        # too), given the same error the caller gets.
+        with contextlib.suppress(ApiError), svc._rejection_skips_seq(run, model_id, seq_id):
+            raise ApiError(422, "the request failed validation")
+
+    await run_in_threadpool(skip)
+
+
+def validation_detail(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """FastAPI's 422 errors as `{loc, msg, type}`: the field and the problem. The offending
+    input is not echoed back (it may be huge, or hold NaN, which JSON cannot carry)."""
+    return [
+        {
+            "loc": [p if isinstance(p, int) else str(p) for p in e.get("loc", ())],
+            "msg": str(e.get("msg", "")),
+            "type": str(e.get("type", "")),
+        }
+        for e in errors
+    ]
+
+
 User = Annotated[str, Depends(current_user)]
+# Page bounds of the list endpoints (the `tinker` CLI pages by up to 1000).
+Limit = Annotated[int, Query(ge=0, le=10_000)]
+Offset = Annotated[int, Query(ge=0, le=2**62)]
 Svc = Annotated[Service, Depends(service)]
 
 
@@ -241,6 +306,14 @@ def checkpoint_json(rec: CheckpointRecord) -> dict[str, Any]:
     }
 
 
+def str_metadata(metadata: dict[str, Any] | None) -> dict[str, str] | None:
+    """Metadata as the SDK reads it back (`dict[str, str]`), though it may be sent with any
+    JSON values: strings as they are, anything else as JSON."""
+    if not metadata:
+        return None
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+
+
 def training_run_json(svc: Service, run: TrainingRunRecord) -> dict[str, Any]:
     checkpoints, _ = svc.store.list_checkpoints(run.user, run.model_id)
     latest: dict[str, dict[str, Any]] = {}
@@ -256,12 +329,14 @@ def training_run_json(svc: Service, run: TrainingRunRecord) -> dict[str, Any]:
         "last_request_time": _iso(run.last_request_time or run.created_at),
         "last_checkpoint": latest.get("training"),
         "last_sampler_checkpoint": latest.get("sampler"),
-        "user_metadata": run.user_metadata or None,
+        "user_metadata": str_metadata(run.user_metadata),
     }
 
 
 @router.get("/training_runs")
-def list_training_runs(user: User, svc: Svc, limit: int = 20, offset: int = 0) -> dict[str, Any]:
+def list_training_runs(
+    user: User, svc: Svc, limit: Limit = 20, offset: Offset = 0
+) -> dict[str, Any]:
     svc.sweep_expired()
     runs, total = svc.store.list_training_runs(user, limit, offset)
     return {
@@ -285,7 +360,9 @@ def list_run_checkpoints(run_id: str, user: User, svc: Svc) -> dict[str, Any]:
 
 
 @router.get("/checkpoints")
-def list_checkpoints(user: User, svc: Svc, limit: int = 100, offset: int = 0) -> dict[str, Any]:
+def list_checkpoints(
+    user: User, svc: Svc, limit: Limit = 100, offset: Offset = 0
+) -> dict[str, Any]:
     svc.sweep_expired()
     checkpoints, total = svc.store.list_checkpoints(user, None, limit, offset)
     return {
@@ -335,6 +412,8 @@ def external_weights_urls(
 @router.get("/downloads/{token}")
 def download(token: str, svc: Svc) -> FileResponse:
     """A file of a checkpoint, authorised by the signed token alone (no API key)."""
+    if not token.isascii():  # tokens are base64url + hex; hmac cannot compare other text
+        raise ApiError(403, "invalid download token")
     path = svc.download(token)
     return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 
@@ -377,7 +456,7 @@ def copy_weights(
 
 
 @router.get("/sessions")
-def list_sessions(user: User, svc: Svc, limit: int = 20, offset: int = 0) -> dict[str, Any]:
+def list_sessions(user: User, svc: Svc, limit: Limit = 20, offset: Offset = 0) -> dict[str, Any]:
     sessions = svc.store.list_sessions(user, limit, offset)
     return {"sessions": [s.session_id for s in sessions]}
 
@@ -409,8 +488,13 @@ def audit_log(user: User) -> JSONResponse:
     return _not_available("the audit log")
 
 
-@router.api_route("/billing/{rest:path}", methods=["GET", "POST"])
+@router.get("/billing/{rest:path}")
 def billing(rest: str, user: User) -> JSONResponse:
+    return _not_available("billing")
+
+
+@router.post("/billing/{rest:path}")
+def billing_post(rest: str, user: User) -> JSONResponse:
     return _not_available("billing")
 
 

@@ -12,24 +12,47 @@ fields, and datetimes must be ISO strings.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, model_validator
 
 from tinkerd.api.codec import CodecError, model_input_tokens, tensor_from_json
 from tinkerd.model import types as mt
+from tinkerd.model.sampling import MAX_NUM_SAMPLES
 
 Int = Annotated[int, Strict()]
 Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict()]
 Float = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 NonEmptyStr = Annotated[str, Strict(), Field(min_length=1)]
+StopString = Annotated[str, Strict(), Field(min_length=1)]
 # seq_id and seeds are 64-bit on the wire; unpickled sampling clients use ids beyond 2^53.
 Int64 = Annotated[int, Strict(), Field(ge=-(2**63), le=2**63 - 1)]
 Seed = Annotated[int, Strict(), Field(ge=-(2**63), le=2**64 - 1)]
 SeqId = Annotated[int, Strict(), Field(ge=0, le=2**63 - 1)]
-TtlSeconds = Annotated[int, Strict(), Field(ge=1)]
+# A training request's place in its run (create_model / create-via-load is the implicit 0).
+TrainSeqId = Annotated[int, Strict(), Field(ge=1, le=2**63 - 1)]
+# Tinker bounds ttl_seconds at 10 years.
+MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
+TtlSeconds = Annotated[int, Strict(), Field(ge=1, le=MAX_TTL_SECONDS)]
+# Bounds that keep one request from taking the server's memory or time from everyone else
+# (far above what any real training loop asks for).
+MAX_LORA_RANK = 512
+MAX_STOP_SEQUENCES = 1024
+
+
+def _finite_json(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Metadata is stored and echoed back as JSON, which has no NaN or infinity."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError as exc:
+        raise ValueError("must not contain NaN or infinite numbers") from exc
+    return value
+
+
+Metadata = Annotated[dict[str, Any], AfterValidator(_finite_json)]
 
 
 class RequestModel(BaseModel):
@@ -59,7 +82,7 @@ class OptimizerConfig(BaseModel):
 class LoraConfig(RequestModel):
     """LoRA shape of a new training model (rank 32 is the SDK's default)."""
 
-    rank: Annotated[int, Strict(), Field(ge=1)] = 32
+    rank: Annotated[int, Strict(), Field(ge=1, le=MAX_LORA_RANK)] = 32
     seed: Seed | None = None
     train_unembed: Bool = True
     train_mlp: Bool = True
@@ -149,12 +172,27 @@ class TensorData(RequestModel):
 class SamplingParams(RequestModel):
     """Sampling knobs. `stop`: absent = stop at EOS; [] = never stop; strings or token ids."""
 
-    max_tokens: Annotated[int, Strict(), Field(ge=0)] | None = None
+    # Absent: the server's default; prompt + max_tokens must fit the model's context.
+    max_tokens: Annotated[int, Strict(), Field(ge=1)] | None = None
     seed: Seed | None = None
-    stop: Str | list[Str] | list[Int] | None = None
+    stop: (
+        StopString
+        | Annotated[list[StopString], Field(max_length=MAX_STOP_SEQUENCES)]
+        | Annotated[
+            list[Annotated[int, Strict(), Field(ge=0)]], Field(max_length=MAX_STOP_SEQUENCES)
+        ]
+        | None
+    ) = None
     temperature: Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)] = 1.0
+    # -1 (no limit) or at least 1; 0 is refused (it would leave nothing to sample).
     top_k: Annotated[int, Strict(), Field(ge=-1)] = -1
     top_p: Annotated[float, Strict(), Field(gt=0, le=1)] = 1.0
+
+    @model_validator(mode="after")
+    def _top_k_not_zero(self) -> SamplingParams:
+        if self.top_k == 0:
+            raise ValueError("sampling_params.top_k must be -1 (no limit) or >= 1, got 0")
+        return self
 
     def to_model(self, default_max_tokens: int) -> mt.SamplingParams:
         """The model layer's SamplingParams (a lone stop string becomes a 1-tuple)."""
@@ -187,7 +225,7 @@ class ClientConfigRequest(RequestModel):
 
 class CreateSessionRequest(RequestModel):
     tags: list[Str] = Field(default_factory=list)
-    user_metadata: dict[str, Any] | None = None
+    user_metadata: Metadata | None = None
     sdk_version: Str | None = None
     project_id: Str | None = None
     display_name: Str | None = None
@@ -212,7 +250,7 @@ class CreateModelRequest(RequestModel):
     session_id: NonEmptyStr
     model_seq_id: Annotated[int, Strict(), Field(ge=0)]
     base_model: NonEmptyStr
-    user_metadata: dict[str, Any] | None = None
+    user_metadata: Metadata | None = None
     lora_config: LoraConfig = Field(default_factory=LoraConfig)
     optimizer_config: OptimizerConfig = Field(default_factory=OptimizerConfig)
 
@@ -226,7 +264,7 @@ class OptimStepRequest(RequestModel):
     internal name, accepted too and routed by its `type`."""
 
     model_id: NonEmptyStr
-    seq_id: SeqId | None = None
+    seq_id: TrainSeqId
     adam_params: AdamParams | None = None
     optimizer_params: OptimizerParams | None = None
 
@@ -251,8 +289,8 @@ class OptimStepRequest(RequestModel):
 
 class SaveWeightsRequest(RequestModel):
     model_id: NonEmptyStr
-    path: NonEmptyStr | None = None
-    seq_id: SeqId | None = None
+    path: NonEmptyStr
+    seq_id: TrainSeqId
     ttl_seconds: TtlSeconds | None = None
     overwrite: Bool = False
     user_metadata: dict[str, Str] | None = None
@@ -266,7 +304,7 @@ class SaveWeightsForSamplerRequest(RequestModel):
     path: NonEmptyStr | None = None
     sampling_session_seq_id: Annotated[int, Strict(), Field(ge=0)] | None = None
     kind: Literal["snapshot", "inflight"] = "snapshot"
-    seq_id: SeqId | None = None
+    seq_id: TrainSeqId
     ttl_seconds: TtlSeconds | None = None
     user_metadata: dict[str, Str] | None = None
 
@@ -286,7 +324,7 @@ class SaveWeightsForSamplerRequest(RequestModel):
 class SaveWeightsExternalRequest(RequestModel):
     model_id: NonEmptyStr
     path: NonEmptyStr
-    seq_id: SeqId | None = None
+    seq_id: TrainSeqId
     ttl_seconds: TtlSeconds | None = None
     age_encryption_recipients: list[Str] | None = None
 
@@ -296,11 +334,11 @@ class LoadWeightsRequest(RequestModel):
     `<session_id>:train:<model_seq_id>`) or legacy load into `model_id` (seq 1)."""
 
     model_id: NonEmptyStr | None = None
-    seq_id: SeqId | None = None
+    seq_id: TrainSeqId | None = None
     session_id: NonEmptyStr | None = None
     model_seq_id: Annotated[int, Strict(), Field(ge=0)] | None = None
     base_model: NonEmptyStr | None = None
-    user_metadata: dict[str, Any] | None = None
+    user_metadata: Metadata | None = None
     path: NonEmptyStr
     optimizer: Bool = False
     optimizer_config: OptimizerConfig | None = None
@@ -316,6 +354,8 @@ class LoadWeightsRequest(RequestModel):
             raise ValueError("session_id and model_seq_id go together")
         if not create and self.model_id is None:
             raise ValueError("give model_id or session_id+model_seq_id")
+        if not create and self.seq_id is None:
+            raise ValueError("seq_id is required when loading into model_id")
         return self
 
     @property
@@ -348,7 +388,7 @@ class CreateSamplingSessionRequest(RequestModel):
 
 
 class SampleRequest(RequestModel):
-    num_samples: Annotated[int, Strict(), Field(ge=1)] = 1
+    num_samples: Annotated[int, Strict(), Field(ge=1, le=MAX_NUM_SAMPLES)] = 1
     prompt: ModelInput
     sampling_params: SamplingParams
     base_model: NonEmptyStr | None = None
@@ -403,6 +443,12 @@ class WeightsInfoRequest(RequestModel):
 
 # --------------------------------------------------------------------------------------------
 # Responses
+
+
+class ErrorResponse(ResponseModel):
+    """Every caller error (4xx) except 422: what is wrong, naming the field."""
+
+    detail: str
 
 
 class UntypedAPIFuture(ResponseModel):
@@ -626,6 +672,7 @@ __all__ = [
     "CreateSessionResponse",
     "Cursor",
     "EncodedTextChunk",
+    "ErrorResponse",
     "ExternalWeightsUrlsResponse",
     "GetInfoRequest",
     "GetInfoResponse",

@@ -329,19 +329,21 @@ class Service:
 
     def forward_backward(self, user: str, body: bytes, content_encoding: str | None) -> Future:
         try:
-            req = codec.decode_forward_backward(body, content_encoding)
+            msg = codec.parse_forward_backward(body, content_encoding)
         except codec.CodecError as exc:
             raise ApiError(400, str(exc)) from exc
-        run = self._training_target(user, req.model_id, req.seq_id)
+        run = self._training_target(user, msg.model_id, msg.seq_id)
         scheduler = self.scheduler(run.base_model)
-        item = ForwardBackwardInput(
-            req.model_id, req.data, req.loss_fn, dict(req.loss_fn_config), req.forward_only
-        )
         info = scheduler.worker.info
-        with self._rejection_skips_seq(run, req.model_id, req.seq_id):
+        # Bad data is refused here, before batching, so it never fails other tenants' rows.
+        with self._rejection_skips_seq(run, msg.model_id, msg.seq_id):
             try:
+                req = codec.forward_backward_data(msg)
+                item = ForwardBackwardInput(
+                    req.model_id, req.data, req.loss_fn, dict(req.loss_fn_config), req.forward_only
+                )
                 validate_input(item, info.vocab_size, info.context_length)
-            except LossInputError as exc:
+            except (codec.CodecError, LossInputError) as exc:
                 raise ApiError(400, str(exc)) from exc
             _check_fits_memory(item, scheduler.token_budget)
 
@@ -626,10 +628,14 @@ class Service:
             if body.get("target_prompt_logprobs") is not None:
                 target, target_layout = codec.target_prompt_ids(body["target_prompt_logprobs"])
             last_n = body.get("prompt_logprobs_last_n")
+            prompt = codec.model_input_tokens(body["prompt"])
+            # An absent max_tokens takes what the context leaves (at most 128); a given one
+            # must fit with the prompt (validate_sample_input).
+            room = scheduler.worker.info.context_length - len(prompt)
             item = SampleInput(
                 adapter_id=adapter_id,
-                prompt=codec.model_input_tokens(body["prompt"]),
-                params=sampling_params(body.get("sampling_params") or {}),
+                prompt=prompt,
+                params=sampling_params(body.get("sampling_params") or {}, max(1, min(128, room))),
                 num_samples=int(body.get("num_samples", 1)),
                 prompt_logprobs=bool(body.get("prompt_logprobs") or False),
                 topk_prompt_logprobs=int(body.get("topk_prompt_logprobs") or 0),
@@ -862,7 +868,7 @@ def _check_fits_memory(item: ForwardBackwardInput, token_budget: int) -> None:
             )
 
 
-def sampling_params(d: dict[str, Any]) -> SamplingParams:
+def sampling_params(d: dict[str, Any], default_max_tokens: int = 128) -> SamplingParams:
     stop = d.get("stop")
     if isinstance(stop, str):
         stop = (stop,)
@@ -871,7 +877,7 @@ def sampling_params(d: dict[str, Any]) -> SamplingParams:
     max_tokens = d.get("max_tokens")
     seed = d.get("seed")
     return SamplingParams(
-        max_tokens=int(max_tokens) if max_tokens is not None else 128,
+        max_tokens=int(max_tokens) if max_tokens is not None else default_max_tokens,
         temperature=float(d.get("temperature", 1.0)),
         top_k=int(d.get("top_k", -1)),
         top_p=float(d.get("top_p", 1.0)),

@@ -39,6 +39,10 @@ PROMPT_CHUNK = 512  # prompt positions per unembedding chunk
 # generous cap that keeps one request from asking for gigabytes of logprobs.
 MAX_OUTPUT_CELLS = 1 << 22
 
+# Samples one request may ask for: far above real use (RL groups are tens), and a bound on
+# the rows one request can add to a shared decode batch.
+MAX_NUM_SAMPLES = 1024
+
 ALT_TOKENS_STREAM = 1 << 62  # row_seed index of the prompt_alt_tokens generator
 
 
@@ -90,8 +94,16 @@ def validate_sample_input(item: SampleInput, vocab_size: int, context_length: in
             f"prompt has token ids outside [0, {vocab_size})",
         ),
         (n < context_length, f"prompt has {n} tokens; the model's context is {context_length}"),
-        (item.num_samples >= 1, f"num_samples must be >= 1, got {item.num_samples}"),
-        (p.max_tokens >= 0, f"sampling_params.max_tokens must be >= 0, got {p.max_tokens}"),
+        (
+            1 <= item.num_samples <= MAX_NUM_SAMPLES,
+            f"num_samples must be between 1 and {MAX_NUM_SAMPLES}, got {item.num_samples}",
+        ),
+        (p.max_tokens >= 1, f"sampling_params.max_tokens must be >= 1, got {p.max_tokens}"),
+        (
+            n + p.max_tokens <= context_length,
+            f"prompt ({n} tokens) + sampling_params.max_tokens ({p.max_tokens}) exceeds the "
+            f"model's context of {context_length} tokens",
+        ),
         (
             math.isfinite(p.temperature) and p.temperature >= 0,
             f"sampling_params.temperature must be >= 0, got {p.temperature}",
@@ -130,6 +142,7 @@ def validate_sample_input(item: SampleInput, vocab_size: int, context_length: in
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    _validate_stop(p.stop, vocab_size)
     last_n = item.prompt_logprobs_last_n
     if last_n is not None:
         if not item.prompt_logprobs:
@@ -141,6 +154,18 @@ def validate_sample_input(item: SampleInput, vocab_size: int, context_length: in
             )
     if item.target_prompt_logprobs is not None:
         _validate_target(item.target_prompt_logprobs, n, vocab_size)
+
+
+def _validate_stop(stop: tuple[str, ...] | tuple[int, ...] | None, vocab_size: int) -> None:
+    """Stop strings must be non-empty (an empty one would match at once) and stop ids real."""
+    for i, s in enumerate(stop or ()):
+        if isinstance(s, str):
+            if not s:
+                raise ValueError(f"sampling_params.stop[{i}] is an empty string")
+        elif isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < vocab_size:
+            raise ValueError(
+                f"sampling_params.stop[{i}] = {s!r} is not a token id in [0, {vocab_size})"
+            )
 
 
 def _validate_target(target: torch.Tensor, n: int, vocab_size: int) -> None:

@@ -66,6 +66,10 @@ def validate_input(item: ForwardBackwardInput, vocab_size: int, context_length: 
                     f"data[{i}].loss_fn_inputs[{key!r}] has length {value.shape[0]}, "
                     f"model_input has {n}"
                 )
+            if value.dim() == 2 and value.shape[1] == 0:
+                raise LossInputError(
+                    f"data[{i}].loss_fn_inputs[{key!r}] has shape {tuple(value.shape)}: no columns"
+                )
             if value.is_floating_point() and not torch.isfinite(value).all():
                 raise LossInputError(f"data[{i}].loss_fn_inputs[{key!r}] has NaN or inf")
         targets = datum.loss_fn_inputs.get("target_tokens")
