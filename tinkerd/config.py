@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     # bytes per token measured at startup. None: a quarter of RAM (1-8 GiB) on CPU, half of
     # the free memory on a GPU.
     train_memory_gb: float | None = None
+    # A run's adapter and optimizer are written to disk every this many optim steps; after a
+    # crash at most this many steps are recomputed from the request log (see api/recovery.py).
+    state_every: int = Field(default=8, ge=1)
+    # Runs of sessions without a heartbeat for this long leave memory (state written first)
+    # and come back on their next request.
+    idle_release_seconds: float = Field(default=600.0, gt=0)
     long_poll_seconds: float = 30.0  # how long retrieve_future waits before try_again
     # Datums per forward_backward request that clients are told to send (the SDK splits
     # larger batches into chunks); None leaves the SDK's default (1024).

@@ -7,7 +7,7 @@ a proxy glitch); unexpected failures are 500, which the SDK retries.
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import psutil
@@ -18,10 +18,12 @@ from fastapi.responses import JSONResponse
 
 from tinkerd.api.body_limit import BodySizeLimit
 from tinkerd.api.futures import FutureHub
+from tinkerd.api.recovery import start_recovery
 from tinkerd.api.routes import router, skip_rejected_seq, validation_detail
 from tinkerd.api.service import ApiError, Service
 from tinkerd.checkpoints.atomic import cleanup_leftovers
 from tinkerd.config import Settings
+from tinkerd.engine.run_state import RunStates
 from tinkerd.engine.scheduler import ModelScheduler
 from tinkerd.model.loading import load_base_model
 from tinkerd.model.worker import ModelWorker
@@ -33,6 +35,8 @@ log = logging.getLogger("tinkerd")
 def build_schedulers(settings: Settings) -> dict[str, ModelScheduler]:
     """Load each served model once and give it a worker and a scheduler thread."""
     autocast = torch.bfloat16 if settings.dtype == "bfloat16" else None
+    run_states = RunStates(settings.data_dir / "runs")
+    cleanup_leftovers(run_states.root)
     schedulers = {}
     for name in settings.models:
         base = load_base_model(
@@ -40,7 +44,9 @@ def build_schedulers(settings: Settings) -> dict[str, ModelScheduler]:
         )
         worker = ModelWorker(base, autocast_dtype=autocast)
         budget = train_token_budget(worker, settings)
-        schedulers[base.info.name] = ModelScheduler(worker, token_budget=budget)
+        schedulers[base.info.name] = ModelScheduler(
+            worker, token_budget=budget, run_states=run_states, state_every=settings.state_every
+        )
     return schedulers
 
 
@@ -65,17 +71,18 @@ def train_token_budget(worker: ModelWorker, settings: Settings) -> int:
     return budget
 
 
-async def sweep_expired_checkpoints(service: Service, every_seconds: float = 60.0) -> None:
-    """Delete checkpoints whose TTL has passed, even when nobody lists or loads them."""
+async def every(seconds: float, what: str, job: Callable[[], int]) -> None:
+    """Run `job` off the event loop every `seconds` (checkpoint expiry, idle runs), so it
+    happens even when no request would trigger it; log what it did."""
     while True:
-        await asyncio.sleep(every_seconds)
+        await asyncio.sleep(seconds)
         try:
-            removed = await asyncio.to_thread(service.sweep_expired)
+            count = await asyncio.to_thread(job)
         except Exception:
-            log.exception("checkpoint expiry sweep failed")
+            log.exception("%s failed", what)
             continue
-        if removed:
-            log.info("deleted %d expired checkpoints", removed)
+        if count:
+            log.info("%s: %d", what, count)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -92,18 +99,27 @@ def create_app(settings: Settings) -> FastAPI:
         hub = FutureHub()
         hub.bind(asyncio.get_running_loop())
         service = Service(store, schedulers, checkpoint_root, hub)
-        failed = service.recover()
-        if failed:
-            log.warning("%d requests unfinished at the last shutdown were failed", failed)
+        start_recovery(service)
         for scheduler in schedulers.values():
             scheduler.start()
         app.state.service = service
         app.state.long_poll_seconds = settings.long_poll_seconds
         app.state.fwdbwd_max_chunk_len = settings.fwdbwd_max_chunk_len
-        sweeper = asyncio.create_task(sweep_expired_checkpoints(service))
+        idle = settings.idle_release_seconds
+        sweepers = [
+            asyncio.create_task(every(60.0, "expired checkpoints deleted", service.sweep_expired)),
+            asyncio.create_task(
+                every(
+                    min(60.0, idle / 2),
+                    "idle runs asked to leave memory",
+                    lambda: service.release_idle_runs(idle),
+                )
+            ),
+        ]
         log.info("tinkerd ready: serving %s", ", ".join(schedulers))
         yield
-        sweeper.cancel()
+        for sweeper in sweepers:
+            sweeper.cancel()
         for scheduler in schedulers.values():
             scheduler.stop()
         store.close()

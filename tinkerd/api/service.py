@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -58,6 +59,11 @@ from tinkerd.store.records import (
 from tinkerd.store.store import Store
 
 log = logging.getLogger(__name__)
+
+# The logged request being replayed after a restart (None while serving clients).
+_replaying: ContextVar[FutureRecord | None] = ContextVar("replaying", default=None)
+# A zstd frame; a valid ForwardBackwardRequest starts with field 1 (model_id, byte 0x0a).
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 KIND_TYPES = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 # Tinker bounds ttl_seconds at 10 years (the lower bound of 1 hour is not enforced here).
@@ -162,7 +168,25 @@ class Service:
         model_id: str | None = None,
         seq_id: int | None = None,
     ) -> FutureRecord:
-        """Store the future (deduped by (model_id, seq_id)), then queue its op once."""
+        """Store the future (deduped by (model_id, seq_id)), then queue its op once.
+
+        While replaying a logged request (see `replay`), the future exists already: its op is
+        queued again under the same request_id, and if it had completed, only for its effect
+        on the run (the stored result stays as the client may have read it)."""
+        logged = _replaying.get()
+        if logged is not None:
+            op = make_op(logged.request_id)
+            if logged.status == "complete":
+                op = Op(
+                    op.request_id,
+                    op.action,
+                    lambda _: None,
+                    lambda exc: log.error("replay of %s failed: %s", op.request_id, exc),
+                    op.model_id,
+                    op.seq_id,
+                )
+            scheduler.submit(op)
+            return logged
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         rec = FutureRecord(
             request_id=str(uuid.uuid4()),
@@ -322,7 +346,21 @@ class Service:
         every later request of the run would wait for it forever."""
         try:
             yield
-        except (ApiError, KeyError):  # KeyError: a missing field, answered with a 400
+        except (ApiError, KeyError) as exc:  # KeyError: a missing field, answered with a 400
+            if _replaying.get() is None:
+                # Logged as a failed future, so that a replay after a restart skips it too.
+                rec = self.store.create_future(
+                    FutureRecord(
+                        request_id=str(uuid.uuid4()),
+                        user=run.user,
+                        kind="rejected",
+                        request=b"",
+                        model_id=model_id,
+                        seq_id=seq_id,
+                    )
+                )
+                if rec.kind == "rejected":  # not an accepted request with this seq_id
+                    self.store.fail_future(rec.request_id, str(exc), "user")
             if run.base_model in self.schedulers:
                 self.schedulers[run.base_model].skip(model_id, seq_id)
             raise
@@ -486,6 +524,10 @@ class Service:
         sampler_id = f"{run.session_id}:sample:{int(n)}"
 
         def encode(_: object) -> tuple[bytes, str]:
+            if self.store.get_sampling_session(sampler_id) is not None:  # a replay after restart
+                return _json(
+                    {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
+                )
             self.store.create_sampling_session(
                 SamplingSessionRecord(
                     sampling_session_id=sampler_id,
@@ -840,17 +882,71 @@ class Service:
         )
         return {"tinker_path": str(dst)}
 
-    def recover(self) -> int:
-        """After a restart: requests acknowledged but never finished fail with a clear error
-        (nothing hangs). Returns how many."""
-        stale = self.store.unfinished_futures()
-        for rec in stale:
-            self.store.fail_future(
+    # -- restarts and idle runs ---------------------------------------------------------
+
+    def replay(self, rec: FutureRecord) -> None:
+        """Queue a logged request again, exactly as it was first handled (see `_submit`).
+        A request refused now fails its future (if pending) and moves its run past it."""
+        token = _replaying.set(rec)
+        try:
+            self._dispatch(rec)
+        except (ApiError, KeyError, ValueError) as exc:
+            message = exc.message if isinstance(exc, ApiError) else str(exc)
+            self.fail_unfinished(rec, f"could not be re-run after a restart: {message}")
+            if rec.model_id is not None and rec.seq_id is not None:
+                for scheduler in self.schedulers.values():
+                    scheduler.skip(rec.model_id, rec.seq_id)
+        finally:
+            _replaying.reset(token)
+
+    def _dispatch(self, rec: FutureRecord) -> None:
+        if rec.kind == "forward_backward":
+            encoding = "zstd" if rec.request[:4] == ZSTD_MAGIC else None
+            self.forward_backward(rec.user, rec.request, encoding)
+            return
+        body = json.loads(rec.request)
+        handlers: dict[str, Callable[[], object]] = {
+            "create_model": lambda: self.create_model(rec.user, body),
+            "optim_step": lambda: self.optim_step(rec.user, body),
+            "save_weights": lambda: self.save_weights(rec.user, body, for_sampler=False),
+            "save_weights_for_sampler": lambda: self.save_weights(rec.user, body, for_sampler=True),
+            "save_weights_external": lambda: self.save_weights_external(rec.user, body),
+            "load_weights": lambda: self.load_weights(rec.user, body),
+            "sample": lambda: self.sample(rec.user, body),
+        }
+        if rec.kind not in handlers:
+            raise ApiError(400, f"requests of kind {rec.kind!r} are not re-run")
+        handlers[rec.kind]()
+
+    def fail_unfinished(self, rec: FutureRecord, message: str) -> None:
+        if rec.status == "pending":
+            self.store.fail_future(rec.request_id, message, "server")
+            self.hub.notify(
                 rec.request_id,
-                "the server restarted before this request finished; please resubmit it",
-                "server",
+                _finished(rec.request_id, "failed", error=message, category="server"),
             )
-        return len(stale)
+
+    def release_idle_runs(self, idle_seconds: float) -> int:
+        """Ask the schedulers to move out of memory the runs that neither had a request nor
+        their session a heartbeat for `idle_seconds` (or whose session finished): their state
+        is written first and they come back on next use. Returns how many were asked."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=idle_seconds)
+        asked = 0
+        for scheduler in self.schedulers.values():
+            idle = []
+            for model_id in scheduler.loaded_runs():
+                run = self.store.get_training_run(model_id)
+                session = self.store.get_session(run.session_id, run.user) if run else None
+                if run is None or session is None or session.finished:
+                    idle.append(model_id)
+                    continue
+                seen = [session.last_heartbeat, session.created_at, run.last_request_time]
+                if max(_utc(t) for t in seen if t is not None) < cutoff:
+                    idle.append(model_id)
+            if idle:
+                scheduler.release(idle)
+                asked += len(idle)
+        return asked
 
 
 def _check_fits_memory(item: ForwardBackwardInput, token_budget: int) -> None:
@@ -884,6 +980,11 @@ def sampling_params(d: dict[str, Any], default_max_tokens: int = 128) -> Samplin
         stop=stop,
         seed=int(seed) if seed is not None else None,
     )
+
+
+def _utc(t: datetime) -> datetime:
+    """The store may hand back naive datetimes (SQLite); they are UTC."""
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def _expired(rec: CheckpointRecord) -> bool:

@@ -10,11 +10,16 @@ loads) run one at a time in their run's order.
 
 Sampling: pending sample ops of every sampling client are batched together, alternating with
 training so neither starves the other.
+
+Durability: with `run_states`, each run's adapter and optimizer are written to disk after its
+creation or load and every `state_every` optim steps (engine/run_state.py). A run whose adapter
+is not in memory (released when idle, or after a restart) comes back from there on its next op.
 """
 
 import logging
 import threading
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from tinkerd.engine.adapter_files import read_adapter, write_adapter
@@ -29,6 +34,7 @@ from tinkerd.engine.ops import (
     SnapshotAdapter,
     UserError,
 )
+from tinkerd.engine.run_state import RunStates
 from tinkerd.model.types import ForwardBackwardInput, ForwardBackwardOutput
 from tinkerd.model.worker import ModelWorker, UnknownAdapterError
 
@@ -39,6 +45,7 @@ log = logging.getLogger(__name__)
 class _RunQueue:
     next_seq: int
     pending: dict[int, Op] = field(default_factory=dict)
+    steps_since_state: int = 0  # optim steps applied since the run's state was last written
 
 
 @dataclass(frozen=True)
@@ -65,11 +72,18 @@ class ModelScheduler:
         token_budget: int = 8192,
         sample_batch: int = 64,
         max_snapshots: int = 256,
+        run_states: RunStates | None = None,
+        state_every: int = 8,
     ) -> None:
         self.worker = worker
         self.token_budget = token_budget
         self.sample_batch = sample_batch
         self.max_snapshots = max_snapshots
+        self.run_states = run_states
+        self.state_every = state_every
+        # State files are written off the scheduler thread, in order (one writer).
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-state")
+        self._release: set[str] = set()  # idle runs to move out of memory
         self._cv = threading.Condition()
         self._runs: dict[str, _RunQueue] = {}
         self._samples: deque[Op] = deque()
@@ -90,6 +104,7 @@ class ModelScheduler:
             self._stopping = True
             self._cv.notify_all()
         self._thread.join(timeout)
+        self._writer.shutdown(wait=True)
 
     def submit(self, op: Op) -> None:
         """Queue an op. Training ops need `model_id` and `seq_id` (0 = the run's first)."""
@@ -98,7 +113,7 @@ class ModelScheduler:
                 self._samples.append(op)
             else:
                 assert op.model_id is not None and op.seq_id is not None
-                queue = self._runs.setdefault(op.model_id, _RunQueue(next_seq=0))
+                queue = self._run_queue(op.model_id)
                 if op.seq_id < queue.next_seq or op.seq_id in queue.pending:
                     return  # already applied or already queued: never apply twice
                 queue.pending[op.seq_id] = op
@@ -117,12 +132,38 @@ class ModelScheduler:
         )
         self.submit(op)
 
-    def resume_run(self, model_id: str, next_seq: int) -> None:
-        """Declare where a run's sequence continues (e.g. seq 1 after creation)."""
+    def _run_queue(self, model_id: str) -> _RunQueue:
+        """Under the lock: the run's queue. A run not seen since it was released (or since a
+        restart) continues after the seq_id its stored state includes."""
+        queue = self._runs.get(model_id)
+        if queue is None:
+            seq = self.run_states.seq_id(model_id) if self.run_states else None
+            queue = self._runs[model_id] = _RunQueue(next_seq=0 if seq is None else seq + 1)
+        return queue
+
+    def state_seq_id(self, model_id: str) -> int | None:
+        """The last seq_id the run's stored state includes (None: no state stored)."""
+        return self.run_states.seq_id(model_id) if self.run_states else None
+
+    def release(self, model_ids: list[str]) -> None:
+        """Ask for idle runs to leave memory (state written first). A run with queued ops or
+        gradients not yet applied stays; it is asked again on the next sweep."""
         with self._cv:
-            queue = self._runs.setdefault(model_id, _RunQueue(next_seq=next_seq))
-            queue.next_seq = max(queue.next_seq, next_seq)
+            self._release.update(model_ids)
             self._cv.notify_all()
+
+    def wait_applied(self, model_id: str, seq_id: int, timeout: float | None = None) -> bool:
+        """Block until the run's ops up to `seq_id` are taken to run (or skipped): a sample op
+        submitted after that runs after them, as this thread runs training ops first."""
+        with self._cv:
+            return self._cv.wait_for(
+                lambda: self._stopping or self._run_queue(model_id).next_seq > seq_id, timeout
+            )
+
+    def loaded_runs(self) -> list[str]:
+        """Training runs whose adapters are in memory now (for tests and stats)."""
+        with self._cv:
+            return [m for m in self._runs if self.worker.has_adapter(m)]
 
     def queued(self) -> int:
         with self._cv:
@@ -131,7 +172,11 @@ class ModelScheduler:
     # -- the worker thread ---------------------------------------------------------------
 
     def _ready(self) -> bool:
-        return bool(self._samples) or any(q.next_seq in q.pending for q in self._runs.values())
+        return (
+            bool(self._samples)
+            or bool(self._release)
+            or any(q.next_seq in q.pending for q in self._runs.values())
+        )
 
     def _loop(self) -> None:
         while True:
@@ -145,10 +190,15 @@ class ModelScheduler:
                     self._samples.popleft()
                     for _ in range(min(self.sample_batch, len(self._samples)))
                 ]
+                releases = [m for m in self._release if not self._busy(m)]
+                self._release.difference_update(releases)
             for op in barriers:
                 self._run_barrier(op)
+            slices = [s for s in slices if self._restored(s.op)]
             for batch in self._micro_batches(slices):
                 self._run_forward_backward(batch)
+            for model_id in releases:
+                self._release_run(model_id)
             if samples:
                 self._run_samples(samples)
 
@@ -174,6 +224,8 @@ class ModelScheduler:
                 slices.append(_Slice(op, 0, len(op.action.input.data)))
                 tokens += op.action.tokens()
                 op = queue.pending.get(queue.next_seq)
+        if barriers or slices:
+            self._cv.notify_all()  # for wait_applied
         return barriers, slices
 
     def _micro_batches(self, slices: list[_Slice]) -> list[list[_Slice]]:
@@ -246,6 +298,8 @@ class ModelScheduler:
         action = op.action
         model_id = op.model_id
         assert model_id is not None
+        if not isinstance(action, (CreateAdapter, LoadAdapter, _Skip)) and not self._restored(op):
+            return
         try:
             if isinstance(action, _Skip):
                 result: object = None
@@ -272,7 +326,89 @@ class ModelScheduler:
         except Exception as exc:
             op.fail(_classify(exc))
             return
+        self._after_barrier(op)
         op.done(result)
+
+    # -- run state -----------------------------------------------------------------------
+
+    def _restored(self, op: Op) -> bool:
+        """Bring the op's run back into memory from its stored state if it is not there.
+        False (and the op failed) if that fails; a run with no state is left to the op."""
+        model_id = op.model_id
+        if model_id is None or self.worker.has_adapter(model_id) or self.run_states is None:
+            return True
+        try:
+            state = self.run_states.read(model_id)
+            if state is not None:
+                self.worker.import_adapter(model_id, state)
+                log.info("run %s restored from its stored state", model_id)
+        except Exception as exc:
+            log.exception("run %s: stored state unreadable", model_id)
+            op.fail(exc)
+            return False
+        return True
+
+    def _after_barrier(self, op: Op) -> None:
+        """Write the run's state after creation/load and every `state_every` optim steps."""
+        if self.run_states is None:
+            return
+        assert op.model_id is not None and op.seq_id is not None
+        with self._cv:
+            queue = self._run_queue(op.model_id)
+            if isinstance(op.action, OptimStep):
+                queue.steps_since_state += 1
+                if queue.steps_since_state < self.state_every:
+                    return
+            elif not isinstance(op.action, (CreateAdapter, LoadAdapter)):
+                return
+            queue.steps_since_state = 0
+        written = self._write_state(op.model_id, op.seq_id)
+        if not isinstance(op.action, OptimStep):
+            # A run's first state is written before its op completes: replaying its creation
+            # could not reproduce an unseeded initialization.
+            written.result()
+
+    def _write_state(self, model_id: str, seq_id: int) -> Future[None]:
+        """Copy the run's tensors now (on this thread); write them on the writer thread."""
+        assert self.run_states is not None
+        run_states = self.run_states
+        state = self.worker.export_adapter(model_id, with_optimizer=True)
+        base_model = self.worker.info.name
+
+        def write() -> None:
+            try:
+                run_states.write(model_id, state, base_model, seq_id)
+            except Exception:
+                log.exception("run %s: writing its state failed (replay covers it)", model_id)
+                raise
+
+        return self._writer.submit(write)
+
+    def _busy(self, model_id: str) -> bool:
+        """Under the lock: the run has work queued (in-flight work of a loop iteration is
+        finished before that iteration's releases)."""
+        queue = self._runs.get(model_id)
+        return bool(queue and queue.pending)
+
+    def _release_run(self, model_id: str) -> None:
+        if self.run_states is None or not self.worker.has_adapter(model_id):
+            return
+        if self.worker.has_pending_grads(model_id):
+            return  # the state on disk cannot hold gradients; keep it until its optim_step
+        with self._cv:
+            queue = self._runs.get(model_id)
+            if queue is None or queue.pending:
+                return
+            seq_id = queue.next_seq - 1
+        try:
+            self._write_state(model_id, seq_id).result()
+        except Exception:
+            return  # stays in memory
+        self.worker.remove_adapter(model_id)
+        with self._cv:
+            if not self._runs[model_id].pending:
+                del self._runs[model_id]  # rebuilt from the stored state's seq_id on next use
+        log.info("run %s released from memory (state at seq_id %d)", model_id, seq_id)
 
     def _remember_snapshot(self, snapshot_id: str) -> None:
         """Keep at most `max_snapshots` sampler snapshots in memory (oldest dropped; saved

@@ -127,6 +127,10 @@ class ModelWorker:
             raise ValueError(f"adapter {adapter_id!r} is a frozen snapshot")
         return self.optimizers[adapter_id].step(params)
 
+    def has_pending_grads(self, adapter_id: str) -> bool:
+        """Gradients accumulated by forward_backward that no optim_step has applied yet."""
+        return any(p.grad is not None for p in self._adapter(adapter_id).parameters())
+
     def zero_grad(self, adapter_id: str) -> None:
         for p in self._adapter(adapter_id).parameters():
             p.grad = None

@@ -223,6 +223,16 @@ class Store:
             total = s.scalar(select(func.count()).select_from(TrainingRunRow).where(where))
             return page, total or 0
 
+    def last_logged_seq_ids(self) -> dict[str, int]:
+        """Every training run with logged requests: its highest seq_id (for crash recovery)."""
+        with self._read() as s:
+            rows = s.execute(
+                select(FutureRow.model_id, func.max(FutureRow.seq_id))
+                .join(TrainingRunRow, FutureRow.model_id == TrainingRunRow.model_id)
+                .group_by(FutureRow.model_id)
+            )
+            return {model_id: seq for model_id, seq in rows}
+
     def set_last_seq_id(self, model_id: str, seq_id: int) -> bool:
         return self._update(TrainingRunRow, TrainingRunRow.model_id == model_id, last_seq_id=seq_id)
 

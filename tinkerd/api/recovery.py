@@ -1,0 +1,104 @@
+"""After a restart (a crash included), every acknowledged request completes or fails clearly,
+and every training run continues exactly where its last request left it.
+
+A run's state on disk (engine/run_state.py) includes its ops up to some seq_id; the request
+log (the futures table) holds every request after it. `recover` queues those requests again,
+in seq_id order, before the server takes new ones: requests that had completed run only for
+their effect on the run, pending ones complete their futures, failed or rejected ones are
+skipped. The state is written every `state_every` optim steps, which bounds the replay.
+
+Pending sample requests are queued once the runs they may sample from (ephemeral sampler
+snapshots are rebuilt by the replay) have been replayed. Anything else that was pending fails
+with a clear error.
+"""
+
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from tinkerd.api.service import Service
+from tinkerd.store.records import FutureRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RecoveryReport:
+    runs: int = 0  # runs replayed
+    replayed: int = 0  # requests queued again
+    failed: int = 0  # pending requests that could not be re-run
+    samples: list[FutureRecord] = field(default_factory=list)  # pending, queued after the runs
+    waits: list[tuple[str, str, int]] = field(default_factory=list)  # (base, model_id, seq_id)
+
+
+def recover(service: Service) -> RecoveryReport:
+    """Queue every run's logged requests after its stored state. Call before the schedulers
+    start; then `resume_samples` in the background."""
+    store, report = service.store, RecoveryReport()
+    queued: set[str] = set()
+    for model_id, last_seq in store.last_logged_seq_ids().items():
+        run = store.get_training_run(model_id)
+        scheduler = service.schedulers.get(run.base_model) if run else None
+        if run is None or scheduler is None:
+            continue  # its pending futures fail below (its base model is no longer served)
+        state_seq = scheduler.state_seq_id(model_id)
+        start = 0 if state_seq is None else state_seq + 1
+        if last_seq < start:
+            continue
+        report.runs += 1
+        for rec in store.futures_for_model(model_id, start):
+            assert rec.seq_id is not None
+            if rec.status == "failed" or (rec.status == "complete" and _only_saves(rec)):
+                scheduler.skip(model_id, rec.seq_id)
+                continue
+            service.replay(rec)
+            queued.add(rec.request_id)
+            report.replayed += 1
+        report.waits.append((run.base_model, model_id, last_seq))
+    for rec in store.unfinished_futures():
+        if rec.request_id in queued:
+            continue
+        if rec.kind == "sample":
+            report.samples.append(rec)
+        else:
+            service.fail_unfinished(rec, "the server restarted before this request could run")
+            report.failed += 1
+    return report
+
+
+def _only_saves(rec: FutureRecord) -> bool:
+    """A save to a named checkpoint leaves the run as it was: once done, it needs no replay
+    (rewriting it could even resurrect a checkpoint deleted since)."""
+    if rec.kind in ("save_weights", "save_weights_external"):
+        return True
+    return rec.kind == "save_weights_for_sampler" and bool(json.loads(rec.request).get("path"))
+
+
+def resume_samples(service: Service, report: RecoveryReport, timeout: float = 3600) -> None:
+    """Wait until the replayed runs are past their logged requests, then re-run the pending
+    sample requests (their snapshots exist again by then)."""
+    for base_model, model_id, seq_id in report.waits:
+        service.schedulers[base_model].wait_applied(model_id, seq_id, timeout)
+    for rec in report.samples:
+        service.replay(rec)
+    if report.samples:
+        log.info("re-ran %d sample requests pending at the last shutdown", len(report.samples))
+
+
+def start_recovery(service: Service) -> RecoveryReport:
+    """`recover`, logged, with the pending samples resumed on a background thread."""
+    report = recover(service)
+    if report.runs or report.failed or report.samples:
+        log.warning(
+            "restart: replaying %d requests of %d runs; %d pending requests failed; "
+            "%d sample requests wait for the replay",
+            report.replayed,
+            report.runs,
+            report.failed,
+            len(report.samples),
+        )
+    threading.Thread(
+        target=resume_samples, args=(service, report), name="recovery", daemon=True
+    ).start()
+    return report
