@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-all conformance bench bench-api lint format clean
+.PHONY: install serve test test-all conformance bench bench-api bench-load lint format clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ bench: $(STAMP)
 
 bench-api: $(STAMP)
 	$(BIN)/tinkerd bench api
+
+bench-load: $(STAMP)
+	$(BIN)/tinkerd bench load
 
 lint: $(STAMP)
 	$(BIN)/ruff check tinkerd tests examples

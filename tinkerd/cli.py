@@ -296,5 +296,43 @@ def bench_api(
     typer.echo(json.dumps(run(cfg)))
 
 
+@bench_app.command("load")
+def bench_load(
+    seconds: Annotated[float, typer.Option(help="length of the concurrent load")] = 60.0,
+    clients: Annotated[int, typer.Option(help="concurrent SDK clients, one user each")] = 16,
+    train_fraction: Annotated[
+        float, typer.Option(help="share of the clients that are train-heavy (rest sample)")
+    ] = 0.5,
+    model: Annotated[
+        str | None, typer.Option(help="Model name or path [default: tiny model built in code]")
+    ] = None,
+    threads: Annotated[int, typer.Option(help="the server's torch threads")] = 1,
+    baseline_seconds: Annotated[
+        float, typer.Option(help="one client alone first, for the latency baseline (0: skip)")
+    ] = 10.0,
+    max_rss_growth: Annotated[
+        float, typer.Option(help="fail if server RSS grows more than this % after warm-up")
+    ] = 5.0,
+) -> None:
+    """Concurrent SDK users training and sampling against one `tinkerd serve`: per-request
+    throughput and latency, failures, server RSS. Exits 1 on any failure or RSS growth."""
+    from tinkerd.bench.load import LoadBenchConfig, run
+
+    results = run(
+        LoadBenchConfig(
+            model=model,
+            seconds=seconds,
+            clients=clients,
+            train_fraction=train_fraction,
+            threads=threads,
+            baseline_seconds=baseline_seconds,
+            max_rss_growth_pct=max_rss_growth,
+        )
+    )
+    typer.echo(json.dumps(results))
+    if not results["ok"]:
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     app()

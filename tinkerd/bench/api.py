@@ -8,19 +8,16 @@ The last line printed is one JSON object with every figure.
 """
 
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from tinkerd.bench.server import serve
+from tinkerd.bench.stats import best_of, percentile
 from tinkerd.constants import EMBEDDED_MODEL
 
 
@@ -34,40 +31,6 @@ class ApiBenchConfig:
     rank: int = 32
     steps: int = 3
     latency_rounds: int = 200
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def server(model: str, data_dir: Path, threads: int, dtype: str) -> Iterator[str]:
-    """A `tinkerd serve` subprocess on a free loopback port; yields its base URL."""
-    import httpx
-
-    port = free_port()
-    env = dict(os.environ, TINKERD_THREADS=str(threads), TINKERD_DTYPE=dtype)
-    cmd = [sys.executable, "-m", "tinkerd.cli", "serve", "--port", str(port)]
-    cmd += ["--data-dir", str(data_dir), "--model", model]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/api/v1/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"tinkerd serve did not start (exit code {proc.poll()})")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def sft_data(vocab: int, batch: int, seq_len: int) -> list[list[int]]:
@@ -91,13 +54,12 @@ def bench_inprocess(cfg: ApiBenchConfig, seqs: list[list[int]]) -> float:
         for s in seqs
     ]
     item = ForwardBackwardInput("bench", data)
-    times = []
-    for _ in range(cfg.steps + 1):
-        t0 = time.perf_counter()
+
+    def step() -> None:
         worker.forward_backward([item])
         worker.optim_step("bench", AdamParams(learning_rate=1e-5))
-        times.append(time.perf_counter() - t0)
-    return min(times[1:])
+
+    return best_of(step, cfg.steps)
 
 
 def bench_sdk(cfg: ApiBenchConfig, url: str, seqs: list[list[int]]) -> float:
@@ -114,15 +76,14 @@ def bench_sdk(cfg: ApiBenchConfig, url: str, seqs: list[list[int]]) -> float:
         )
         for s in seqs
     ]
-    times = []
-    for _ in range(cfg.steps + 1):
-        t0 = time.perf_counter()
+
+    def step() -> None:
         fwd_bwd = client.forward_backward(data, loss_fn="cross_entropy")
         optim = client.optim_step(types.AdamParams(learning_rate=1e-5))
         fwd_bwd.result()
         optim.result()
-        times.append(time.perf_counter() - t0)
-    return min(times[1:])
+
+    return best_of(step, cfg.steps)
 
 
 def bench_latency(cfg: ApiBenchConfig, url: str, model: str) -> list[float]:
@@ -148,11 +109,6 @@ def bench_latency(cfg: ApiBenchConfig, url: str, model: str) -> list[float]:
     return rounds
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def run(cfg: ApiBenchConfig) -> dict:
     from tinkerd.model.loading import load_base_model
     from tinkerd.model.tiny import build_tiny_model
@@ -165,13 +121,13 @@ def run(cfg: ApiBenchConfig) -> dict:
     print(f"in-process: {cfg.batch}x{cfg.seq_len}, LoRA r{cfg.rank}", flush=True)
     t_local = bench_inprocess(cfg, seqs)
     print("through the SDK and `tinkerd serve`", flush=True)
-    with server(cfg.model, cfg.data_dir, cfg.threads, "bfloat16") as url:
-        t_sdk = bench_sdk(cfg, url, seqs)
+    with serve(cfg.model, cfg.data_dir, threads=cfg.threads, dtype="bfloat16") as srv:
+        t_sdk = bench_sdk(cfg, srv.url, seqs)
     print(f"latency: {cfg.latency_rounds} one-datum round trips on a tiny model", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tiny = str(build_tiny_model(Path(tmp) / "tiny"))
-        with server(tiny, Path(tmp) / "data", 1, "float32") as url:
-            rounds = bench_latency(cfg, url, tiny)
+        with serve(tiny, Path(tmp) / "data", threads=1, dtype="float32") as srv:
+            rounds = bench_latency(cfg, srv.url, tiny)
     return {
         "model": cfg.model,
         "threads": cfg.threads,

@@ -10,13 +10,13 @@ The last line printed is one JSON object with every figure.
 """
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from tinkerd.bench.stats import best_of
 from tinkerd.constants import EMBEDDED_MODEL
 from tinkerd.model.loading import DTYPES, load_base_model
 from tinkerd.model.lora import LoraConfig
@@ -49,16 +49,8 @@ def _sync(device: str) -> None:
 
 
 def timed(fn: Callable[[], object], repeats: int, device: str) -> float:
-    """Best-of-`repeats` wall time of `fn` after one warm-up call (seconds)."""
-    fn()
-    _sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    """Best-of-`repeats` wall time of `fn` after one warm-up call (seconds), on `device`."""
+    return best_of(fn, repeats, sync=lambda: _sync(device))
 
 
 @contextlib.contextmanager
