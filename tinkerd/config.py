@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     # Runs of sessions without a heartbeat for this long leave memory (state written first)
     # and come back on their next request.
     idle_release_seconds: float = Field(default=600.0, gt=0)
+    # Memory for frozen sampler weights (save_weights_for_sampler snapshots and loaded sampler
+    # checkpoints); beyond it the oldest leave memory (saved ones reload from disk).
+    sampler_memory_gb: float = Field(default=4.0, gt=0)
     long_poll_seconds: float = 30.0  # how long retrieve_future waits before try_again
     # Datums per forward_backward request that clients are told to send (the SDK splits
     # larger batches into chunks); None leaves the SDK's default (1024).

@@ -45,7 +45,11 @@ def build_schedulers(settings: Settings) -> dict[str, ModelScheduler]:
         worker = ModelWorker(base, autocast_dtype=autocast)
         budget = train_token_budget(worker, settings)
         schedulers[base.info.name] = ModelScheduler(
-            worker, token_budget=budget, run_states=run_states, state_every=settings.state_every
+            worker,
+            token_budget=budget,
+            run_states=run_states,
+            state_every=settings.state_every,
+            snapshot_memory_bytes=int(settings.sampler_memory_gb * 2**30),
         )
     return schedulers
 

@@ -72,6 +72,7 @@ class ModelScheduler:
         token_budget: int = 8192,
         sample_batch: int = 64,
         max_snapshots: int = 256,
+        snapshot_memory_bytes: int = 4 << 30,
         run_states: RunStates | None = None,
         state_every: int = 8,
     ) -> None:
@@ -79,6 +80,7 @@ class ModelScheduler:
         self.token_budget = token_budget
         self.sample_batch = sample_batch
         self.max_snapshots = max_snapshots
+        self.snapshot_memory_bytes = snapshot_memory_bytes
         self.run_states = run_states
         self.state_every = state_every
         # State files are written off the scheduler thread, in order (one writer).
@@ -87,7 +89,7 @@ class ModelScheduler:
         self._cv = threading.Condition()
         self._runs: dict[str, _RunQueue] = {}
         self._samples: deque[Op] = deque()
-        self._snapshots: deque[str] = deque()  # loaded snapshot ids, oldest first
+        self._snapshots: deque[tuple[str, int]] = deque()  # (id, bytes) in memory, oldest first
         self._partial: dict[str, list[ForwardBackwardOutput]] = {}  # request_id -> slices done
         self._stopping = False
         self._thread = threading.Thread(
@@ -411,11 +413,16 @@ class ModelScheduler:
         log.info("run %s released from memory (state at seq_id %d)", model_id, seq_id)
 
     def _remember_snapshot(self, snapshot_id: str) -> None:
-        """Keep at most `max_snapshots` sampler snapshots in memory (oldest dropped; saved
-        ones reload from disk on their next use)."""
-        self._snapshots.append(snapshot_id)
-        while len(self._snapshots) > self.max_snapshots:
-            old = self._snapshots.popleft()
+        """Keep at most `max_snapshots` sampler snapshots, of at most `snapshot_memory_bytes`
+        together, in memory: the oldest are dropped (saved ones reload from disk on their next
+        use; an ephemeral one answers "no longer available")."""
+        self._snapshots.append((snapshot_id, self.worker.adapter_bytes(snapshot_id)))
+        total = sum(size for _, size in self._snapshots)
+        while len(self._snapshots) > 1 and (
+            len(self._snapshots) > self.max_snapshots or total > self.snapshot_memory_bytes
+        ):
+            old, size = self._snapshots.popleft()
+            total -= size
             if self.worker.has_adapter(old):
                 self.worker.remove_adapter(old)
 

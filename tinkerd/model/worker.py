@@ -127,6 +127,10 @@ class ModelWorker:
             raise ValueError(f"adapter {adapter_id!r} is a frozen snapshot")
         return self.optimizers[adapter_id].step(params)
 
+    def adapter_bytes(self, adapter_id: str) -> int:
+        """Memory held by an adapter's weights (its optimizer moments not counted)."""
+        return sum(p.numel() * p.element_size() for p in self._adapter(adapter_id).parameters())
+
     def has_pending_grads(self, adapter_id: str) -> bool:
         """Gradients accumulated by forward_backward that no optim_step has applied yet."""
         return any(p.grad is not None for p in self._adapter(adapter_id).parameters())
