@@ -26,6 +26,8 @@ from e2e_helpers import STARTUP_TIMEOUT_S, TINKERD, adam, free_port, sft_datum
 from safetensors.numpy import load_file
 from tinker import types
 
+from tinkerd.store.store import Store
+
 STEPS = 30
 KILLS = 3
 SEED = 20261123
@@ -171,6 +173,11 @@ def test_sigkill_at_random_moments_loses_nothing(tiny_model_dir: Path, tmp_path:
         assert kills >= 2, "the loop finished before the server could be killed twice"
         weights = final_weights(srv, trace)
         log = srv.log()
+    # Every request ever acknowledged finished (none hangs) and none failed.
+    with Store(f"sqlite:///{srv.data_dir / 'tinkerd.db'}") as store:
+        assert store.unfinished_futures() == []
+        for rec in store.futures_for_model(trace.model_id):
+            assert rec.status == "complete", (rec.kind, rec.seq_id, rec.status, rec.error)
 
     np.testing.assert_allclose(trace.losses, reference.losses, rtol=1e-6, atol=1e-6)
     assert trace.samples == reference.samples
