@@ -41,6 +41,25 @@ class Recipes:
             "PYTHONUNBUFFERED": "1",
         }
 
+    def start(
+        self, module: str, log_path: Path, args: Sequence[str], *, base_url_arg: bool = True
+    ) -> tuple[subprocess.Popen[bytes], Path]:
+        """Start a recipe without waiting (for tests that interrupt it); output goes to the
+        returned file."""
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", f"tinker_cookbook.{module}"]
+        cmd += [f"model_name={MODEL}", f"renderer_name={RENDERER}", f"log_path={log_path}"]
+        if base_url_arg:
+            cmd.append(f"base_url={self.server.base_url}")
+        cmd += list(args)
+        env = {**self.env, "TINKER_COOKBOOK_RUNS_DIR": str(log_path.parent)}
+        out_path = log_path.parent / f"{log_path.name}.out"
+        with open(out_path, "wb") as out:
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log_path.parent
+            )
+        return proc, out_path
+
     def run(
         self,
         module: str,
@@ -51,31 +70,17 @@ class Recipes:
         timeout: float = RECIPE_TIMEOUT_S,
     ) -> str:
         """Run a recipe to completion; fail with the tail of its output otherwise."""
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", f"tinker_cookbook.{module}"]
-        cmd += [f"model_name={MODEL}", f"renderer_name={RENDERER}", f"log_path={log_path}"]
-        if base_url_arg:
-            cmd.append(f"base_url={self.server.base_url}")
-        cmd += list(args)
-        out_path = log_path.parent / f"{log_path.name}.out"
-        env = {**self.env, "TINKER_COOKBOOK_RUNS_DIR": str(log_path.parent)}
-        with open(out_path, "wb") as out:
-            try:
-                proc = subprocess.run(
-                    cmd,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    cwd=log_path.parent,
-                    timeout=timeout,
-                )
-                code: int | str = proc.returncode
-            except subprocess.TimeoutExpired:
-                code = f"timeout after {timeout}s"
+        proc, out_path = self.start(module, log_path, args, base_url_arg=base_url_arg)
+        try:
+            code: int | str = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            code = f"timeout after {timeout}s"
         output = out_path.read_text(errors="replace")
         if code != 0:
             raise AssertionError(
-                f"{' '.join(cmd)}\nexited with {code}:\n{output[-6000:]}\n"
+                f"{' '.join(map(str, proc.args))}\nexited with {code}:\n{output[-6000:]}\n"
                 f"--- server log tail ---\n{self.server.log()[-3000:]}"
             )
         assert "Traceback" not in output, output[-6000:]

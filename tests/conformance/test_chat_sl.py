@@ -1,10 +1,14 @@
 """`tinker_cookbook.recipes.chat_sl.train` (supervised learning) on the bundled conversations."""
 
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from cookbook_helpers import (
     EXAMPLE_DATA,
+    RECIPE_TIMEOUT_S,
     Recipes,
     check_checkpoints,
     mean,
@@ -83,3 +87,64 @@ def test_chat_sl_full_file_and_resume(recipes: Recipes, tmp_path: Path) -> None:
     final = read_jsonl(log_path / "checkpoints.jsonl")[-1]["state_path"]
     assert f"Resumed training from {final}" in out, out[-3000:]
     assert "Training completed successfully" in out, out[-3000:]
+
+
+def wait_for_checkpoint(proc: subprocess.Popen[bytes], log_path: Path, out: Path) -> None:
+    """Block until the running recipe has recorded a whole checkpoint line (fail if it exits
+    first)."""
+    checkpoints = log_path / "checkpoints.jsonl"
+    deadline = time.monotonic() + RECIPE_TIMEOUT_S
+    while not (checkpoints.exists() and checkpoints.read_text().endswith("\n")):
+        assert proc.poll() is None, out.read_text(errors="replace")[-6000:]
+        assert time.monotonic() < deadline, "no checkpoint within the recipe timeout"
+        time.sleep(0.1)
+
+
+def test_chat_sl_resumes_after_kill(recipes: Recipes, tmp_path: Path) -> None:
+    """The run is SIGKILLed as soon as its first periodic checkpoint is recorded, then rerun
+    with behavior_if_log_dir_exists=resume: it restores that state with its optimizer, keeps
+    the metrics of the steps before it, trains the remaining steps and saves "final".
+
+    32 conversations, batch 8, 2 epochs (8 steps), save_every=2."""
+    subset = tmp_path / "conversations32.jsonl"
+    subset.write_text("".join(CONVERSATIONS.read_text().splitlines(keepends=True)[:32]))
+    log_path = tmp_path / "chat_sl_killed"
+    common = sl_args(subset, "batch_size=8", "num_epochs=2", "save_every=2")
+    proc, out = recipes.start("recipes.chat_sl.train", log_path, common)
+    try:
+        wait_for_checkpoint(proc, log_path, out)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, out.read_text(errors="replace")[-6000:]
+
+    saved = read_jsonl(log_path / "checkpoints.jsonl")
+    last = saved[-1]
+    assert last["name"] != "final", saved
+    batches_per_epoch = 4
+    resume_step = last["epoch"] * batches_per_epoch + last["batch"]
+    assert 0 < resume_step < 8, last
+    raw = read_jsonl(log_path / "metrics.jsonl")
+    before = [r for r in raw if r["step"] < resume_step]
+    assert {r["step"] for r in before} == set(range(resume_step)), raw
+
+    resumed = [a for a in common if not a.startswith("behavior_if")]
+    output = recipes.run(
+        "recipes.chat_sl.train", log_path, [*resumed, "behavior_if_log_dir_exists=resume"]
+    )
+    assert f"Resumed training from {last['state_path']}" in output, output[-3000:]
+    assert "Training completed successfully" in output, output[-3000:]
+
+    # The steps before the checkpoint were not trained again: their rows are untouched and
+    # not duplicated; every later step was trained once, by the resumed run.
+    raw = read_jsonl(log_path / "metrics.jsonl")
+    assert [r for r in raw if r["step"] < resume_step] == before
+    rows = metrics_by_step(log_path)
+    assert [r["step"] for r in rows] == list(range(8))
+    assert all(r["num_sequences"] == 8 for r in rows[resume_step:]), rows
+    nll = epoch_nll(rows)
+    assert nll[1] < nll[0], nll
+
+    # The resumed run saves again from its first step on (a new training run, so new paths).
+    later = [f"{s:06d}" for s in range(resume_step, 8) if s % 2 == 0]
+    check_checkpoints(recipes.server, log_path, [r["name"] for r in saved] + later + ["final"])
