@@ -604,6 +604,20 @@ def test_sdk_rejected_optim_step_lets_the_run_move_on(clients, server: Server) -
     tc.optim_step(adam(1e-3)).result(timeout=60)
 
 
+def test_dimuon_is_refused_not_silently_replaced(clients, server: Server) -> None:
+    """Dimuon's update rule is not public: asking for it is a clear 400, never AdamW instead."""
+    sc = clients(KEY)
+    with pytest.raises(tinker.BadRequestError, match="dimuon"):
+        sc.create_lora_training_client(
+            base_model=server.model, rank=4, optimizer=types.DimuonOptimizerConfig()
+        ).result(timeout=60)
+    tc = sc.create_lora_training_client(base_model=server.model, rank=4).result()
+    tc.forward_backward([sft_datum([1, 2, 3, 4])], "cross_entropy").result(timeout=60)
+    with pytest.raises(tinker.BadRequestError, match="dimuon"):
+        tc.optim_step(types.DimuonParams(learning_rate=0.02)).result(timeout=60)
+    tc.optim_step(adam(1e-3)).result(timeout=60)  # the run goes on
+
+
 def test_a_bad_request_never_fails_another_users_request(clients, server: Server) -> None:
     """Two users' forward_backward requests in flight together, one bad: the bad one is
     refused at submission (before batching); the good one's result is unaffected."""

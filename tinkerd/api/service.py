@@ -257,6 +257,9 @@ class Service:
         session = self.session(body["session_id"], user)
         base_model = body["base_model"]
         scheduler = self.scheduler(base_model)
+        optimizer = (body.get("optimizer_config") or {}).get("type", "adamw")
+        if optimizer != "adamw":
+            raise ApiError(400, _unsupported_optimizer(optimizer))
         lora = body.get("lora_config") or {}
         try:
             config = LoraConfig(
@@ -404,6 +407,9 @@ class Service:
         run = self._training_target(user, model_id, seq_id)
         adam = body.get("adam_params") or {}
         with self._rejection_skips_seq(run, model_id, seq_id):
+            other = body.get("optimizer_params")
+            if other is not None:
+                raise ApiError(400, _unsupported_optimizer(other.get("type")))
             try:
                 params = AdamParams(
                     **{k: float(v) for k, v in adam.items() if k in AdamParams.__dataclass_fields__}
@@ -583,6 +589,9 @@ class Service:
 
         if "session_id" in body:  # create a new training run from the checkpoint
             session = self.session(body["session_id"], user)
+            optimizer = (body.get("optimizer_config") or {}).get("type", "adamw")
+            if optimizer != "adamw":
+                raise ApiError(400, _unsupported_optimizer(optimizer))
             model_id = f"{session.session_id}:train:{int(body.get('model_seq_id', 0))}"
             base_model = body.get("base_model") or info.base_model
             config = LoraConfig(
@@ -980,6 +989,11 @@ def sampling_params(d: dict[str, Any], default_max_tokens: int = 128) -> Samplin
         stop=stop,
         seed=int(seed) if seed is not None else None,
     )
+
+
+def _unsupported_optimizer(name: object) -> str:
+    """Dimuon's update rule is not public; running AdamW in its place would be a silent lie."""
+    return f"optimizer {name!r} is not supported by tinkerd; use adamw (adam_params)"
 
 
 def _utc(t: datetime) -> datetime:
