@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 import tinker
 from e2e_helpers import STARTUP_TIMEOUT_S, TINKERD, adam, free_port, sft_datum
 from safetensors.numpy import load_file
@@ -70,8 +71,8 @@ def training_loop(base_url: str, model: str) -> Trace:
 class Server:
     """A `tinkerd serve` process on a fixed port and data dir that can be killed and restarted."""
 
-    def __init__(self, model: Path, workdir: Path) -> None:
-        self.model, self.workdir = model, workdir
+    def __init__(self, model: Path, workdir: Path, **env: str) -> None:
+        self.model, self.workdir, self.env = model, workdir, env
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.data_dir = workdir / "data"
@@ -86,6 +87,7 @@ class Server:
             "TINKERD_LONG_POLL_SECONDS": "2",
             "TINKERD_STATE_EVERY": "2",
             "PYTHONUNBUFFERED": "1",
+            **self.env,
         }
         cmd = [str(TINKERD), "serve", "--port", str(self.port), "--data-dir", str(self.data_dir)]
         with open(self.log_path, "ab") as log:
@@ -194,3 +196,32 @@ def test_sigkill_at_random_moments_loses_nothing(tiny_model_dir: Path, tmp_path:
         saved = srv.data_dir / "checkpoints" / run_id / rest
         assert (saved / "adapter_model.safetensors").exists(), path
         assert (saved / "tinkerd.json").exists(), path
+
+
+def test_sigterm_mid_request_exits_promptly_and_the_request_completes_after(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A forward_backward of many micro-batches is in flight when SIGTERM comes: the server
+    stops between micro-batches instead of finishing the request, and after the restart the
+    request is re-run and its future completes with the right result."""
+    srv = Server(tiny_model_dir, tmp_path, TINKERD_TOKEN_BUDGET="16")
+    srv.start()
+    try:
+        sc = tinker.ServiceClient(base_url=srv.base_url, api_key="tml-sigterm")
+        tc = sc.create_lora_training_client(base_model=str(tiny_model_dir), rank=4).result()
+        data = [sft_datum([1 + (i * 7 + j) % 200 for j in range(12)]) for i in range(1200)]
+        future = tc.forward_backward(data, "cross_entropy")
+        time.sleep(1.0)  # the SDK has sent it; the server is working through micro-batches
+        assert srv.proc is not None
+        started = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        srv.proc.wait(15)
+        stopped_in = time.monotonic() - started
+        srv.start()
+        result = future.result(timeout=300)
+        forward = tc.forward(data, "cross_entropy").result(timeout=300)
+    finally:
+        srv.stop()
+    assert stopped_in < 10, stopped_in
+    assert "replaying" in srv.log()
+    assert result.metrics["loss:sum"] == pytest.approx(forward.metrics["loss:sum"], rel=1e-5)

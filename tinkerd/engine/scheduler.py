@@ -198,10 +198,12 @@ class ModelScheduler:
                 self._run_barrier(op)
             slices = [s for s in slices if self._restored(s.op)]
             for batch in self._micro_batches(slices):
+                if self._stopping:
+                    break  # shutting down: what is left is replayed after the restart
                 self._run_forward_backward(batch)
             for model_id in releases:
                 self._release_run(model_id)
-            if samples:
+            if samples and not self._stopping:
                 self._run_samples(samples)
 
     def _take_training(self) -> tuple[list[Op], list[_Slice]]:
