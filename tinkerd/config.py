@@ -51,6 +51,14 @@ class Settings(BaseSettings):
     # Largest request body accepted (413 above it). The SDK's forward_backward chunks are ~5 MB
     # and its sample requests far smaller, so the default leaves ample room.
     max_body_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
+    # Optional parts of the protocol announced to clients. Off, the SDK falls back to what
+    # works without them: one /retrieve_future long-poll per sample (instead of one
+    # /retrieve_futures poll per sampling client), random clone ids for unpickled sampling
+    # clients (instead of /join_sampling_session), abandoned samples left to run (instead of
+    # /cancel_future). The endpoints answer either way.
+    sample_use_retrieve_futures: bool = True
+    sample_join_sampling_session: bool = True
+    sample_cancel_enabled: bool = True
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'tinkerd.db'}"

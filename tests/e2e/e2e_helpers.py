@@ -46,9 +46,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def run_server(model_dir: Path, workdir: Path, **env: str) -> Iterator[Server]:
-    """Start `tinkerd serve`, wait for /healthz, yield, then SIGTERM and check a clean exit."""
-    port = free_port()
+def run_server(
+    model_dir: Path, workdir: Path, port: int | None = None, **env: str
+) -> Iterator[Server]:
+    """Start `tinkerd serve`, wait for /healthz, yield, then SIGTERM and check a clean exit.
+    The same `workdir` and `port` again restart the same server (same data, same URL)."""
+    port = port or free_port()
     data_dir = workdir / "data"
     log_path = workdir / "server.log"
     full_env = {

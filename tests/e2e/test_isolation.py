@@ -338,6 +338,28 @@ def _retrieve_future(t: World, o: World, c: httpx.Client, s: Server) -> httpx.Re
     return c.post("/retrieve_future", json={"request_id": t.request_id})
 
 
+@case("POST", "/retrieve_futures", "sampling_session_id")
+def _retrieve_futures(t: World, o: World, c: httpx.Client, s: Server) -> httpx.Response:
+    body = {"target": {"sampling_session_id": t.sampler_id}, "prev_cursor": 0, "timeout": 0}
+    return c.post("/retrieve_futures", json=body)
+
+
+@case("POST", "/retrieve_futures", "sampling_session_id")
+def _retrieve_snapshot_futures(t: World, o: World, c: httpx.Client, s: Server) -> httpx.Response:
+    target = {"sampling_session_id": t.snapshot_sampler_id, "cloned_sampler_id": 1}
+    return c.post("/retrieve_futures", json={"target": target, "prev_cursor": 5})
+
+
+@case("POST", "/cancel_future", "request_id")
+def _cancel_future(t: World, o: World, c: httpx.Client, s: Server) -> httpx.Response:
+    return c.post("/cancel_future", json={"request_id": t.request_id})
+
+
+@case("POST", "/join_sampling_session", "sampling_session_id")
+def _join_sampling_session(t: World, o: World, c: httpx.Client, s: Server) -> httpx.Response:
+    return c.post("/join_sampling_session", json={"sampling_session_id": t.snapshot_sampler_id})
+
+
 @case("GET", "/training_runs/{run_id}", "run_id")
 def _get_run(t: World, o: World, c: httpx.Client, s: Server) -> httpx.Response:
     return c.get(f"/training_runs/{t.model_id}")

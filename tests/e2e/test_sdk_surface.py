@@ -492,12 +492,14 @@ def _(c: Ctx, a: bool) -> None:
 @entry(
     "SamplingClient.from_sampler_handle",
     SUPPORTED,
-    "rebuilds a client for the same sampling session",
+    "rebuilds a client for the same sampling session; its clone id comes from "
+    "`/join_sampling_session`",
 )
 def _(c: Ctx, a: bool) -> None:
     clone = tinker.SamplingClient.from_sampler_handle(c.sampler.get_sampler_handle(), api_key=KEY)
     assert clone.get_base_model() == c.server.model
     assert_samples(clone)
+    assert clone._cloned_sampler_id is not None and clone._cloned_sampler_id >= 1
 
 
 @entry("SamplingClient.get_base_model", SUPPORTED, "from the sampling session", with_async=True)
@@ -536,7 +538,8 @@ def _(c: Ctx, a: bool) -> None:
     "SamplingClient.sample",
     SUPPORTED,
     "stop strings/ids, seeds, top-k/top-p, prompt/top-k/target logprobs, alt tokens; "
-    "`record_stability_info` ignored",
+    "`record_stability_info` ignored; results announced by `/retrieve_futures`, abandoned "
+    "queued samples cancelled (`/cancel_future`)",
     with_async=True,
 )
 def _(c: Ctx, a: bool) -> None:
@@ -760,31 +763,31 @@ def test_method_against_live_server(qualname: str, ctx: Ctx) -> None:
     ENTRIES[qualname].check(ctx)
 
 
-FLAG_ENDPOINTS = {
-    "retrieve_futures": {
-        "target": {"type": "sampling_session", "sampling_session_id": "x"},
-        "prev_cursor": 0,
-    },
-    "cancel_future": {"request_id": "x"},
-    "create_custom_loss": {"session_id": "x"},
-    "join_sampling_session": {"sampling_session_id": "x", "type": "join_sampling_session"},
-}
+FLAG_ENDPOINTS = {"create_custom_loss": {"session_id": "x"}}
 
 
 @pytest.mark.parametrize("name", sorted(FLAG_ENDPOINTS))
 def test_flag_gated_endpoints_say_not_supported(name: str, server) -> None:
     """The endpoints behind client-config flags tinkerd leaves off answer a clear 400."""
     config = httpx.post(f"{server.base_url}/api/v1/client/config", json={}).json()
-    dynamic = httpx.post(f"{server.base_url}/api/v1/client/dynamic_config", json={}).json()
-    assert not config.get("sample_use_retrieve_futures")
     assert not config.get("custom_loss_server_side")
-    assert not config.get("sample_join_sampling_session")
-    assert not dynamic.get("sample_cancel_enabled")
     r = httpx.post(
         f"{server.base_url}/api/v1/{name}", json=FLAG_ENDPOINTS[name], headers={"X-API-Key": KEY}
     )
     assert r.status_code == 400
     assert r.json()["detail"].startswith(f"{name} is not supported by tinkerd: ")
+
+
+SAMPLING_FLAGS = ("sample_use_retrieve_futures", "sample_join_sampling_session")
+
+
+def test_sampling_flags_are_on(server) -> None:
+    """The optional sampling endpoints are served and announced (tests/e2e/
+    test_sampling_queue.py drives them with the SDK, and with the flags off)."""
+    config = httpx.post(f"{server.base_url}/api/v1/client/config", json={}).json()
+    dynamic = httpx.post(f"{server.base_url}/api/v1/client/dynamic_config", json={}).json()
+    assert all(config[flag] is True for flag in SAMPLING_FLAGS)
+    assert dynamic["sample_cancel_enabled"] is True
 
 
 # -- COMPAT.md ------------------------------------------------------------------------------
@@ -839,18 +842,26 @@ FEATURES = [
     ),
     (
         "`/retrieve_futures` (`sample_use_retrieve_futures`)",
-        NOT_SUPPORTED,
-        "flag off; 400 if called. Samples are polled with `/retrieve_future` (long-poll)",
+        SUPPORTED,
+        "flag on (`TINKERD_SAMPLE_USE_RETRIEVE_FUTURES=0` turns it off: one `/retrieve_future` "
+        "long-poll per sample). Each sampling client long-polls its session's completion "
+        "queue; the cursor is a place in that queue stored with each future, so it stays valid "
+        "across restarts; a fresh poller starts after what its client acknowledged. "
+        "`retrieved_request_ids` is ignored (results stay stored); see test_sampling_queue.py",
     ),
     (
         "`/cancel_future` (`sample_cancel_enabled`)",
-        NOT_SUPPORTED,
-        "flag off; 400 if called. Abandoned samples run to completion",
+        SUPPORTED,
+        "flag on (`TINKERD_SAMPLE_CANCEL_ENABLED=0`: abandoned samples run to completion). A "
+        "queued sample is removed and its future fails (category `user`, 'cancelled'); a "
+        "running or finished one is left alone (200); training requests answer 400",
     ),
     (
         "`/join_sampling_session` (`sample_join_sampling_session`)",
-        NOT_SUPPORTED,
-        "flag off; 400 if called",
+        SUPPORTED,
+        "flag on (`TINKERD_SAMPLE_JOIN_SAMPLING_SESSION=0`: unpickled clients pick random "
+        "clone ids). Clone ids are stored, never handed out twice, and above every seq_id "
+        "block the session has used",
     ),
     ("JWT auth (`pjwt_auth_enabled`)", NOT_SUPPORTED, "plain `tml-` API keys, one user per key"),
 ]

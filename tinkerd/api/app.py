@@ -109,6 +109,9 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.service = service
         app.state.long_poll_seconds = settings.long_poll_seconds
         app.state.fwdbwd_max_chunk_len = settings.fwdbwd_max_chunk_len
+        app.state.sample_use_retrieve_futures = settings.sample_use_retrieve_futures
+        app.state.sample_join_sampling_session = settings.sample_join_sampling_session
+        app.state.sample_cancel_enabled = settings.sample_cancel_enabled
         idle = settings.idle_release_seconds
         sweepers = [
             asyncio.create_task(every(60.0, "expired checkpoints deleted", service.sweep_expired)),

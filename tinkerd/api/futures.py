@@ -2,7 +2,8 @@
 
 The store is the source of truth; the hub only wakes waiters early, handing them the finished
 record so they need not read it back. A waiter registers *before* reading the store, so a
-completion between the read and the wait is not missed.
+completion between the read and the wait is not missed. Keys are request ids, or
+`completion_queue_key(sampling_session_id)` for `retrieve_futures` pollers of a session.
 """
 
 import asyncio
@@ -12,10 +13,16 @@ from dataclasses import dataclass, field
 from tinkerd.store.records import FutureRecord
 
 
+def completion_queue_key(sampling_session_id: str) -> str:
+    """The hub key woken when a sample of the session finishes (request ids are uuids)."""
+    return f"completion_queue:{sampling_session_id}"
+
+
 @dataclass
 class Waiter:
     event: asyncio.Event = field(default_factory=asyncio.Event)
     record: FutureRecord | None = None  # set, with the event, when the future finishes
+    pollers: int = 0  # how many pollers share it: the last one to leave removes it
 
 
 class FutureHub:
@@ -30,11 +37,15 @@ class FutureHub:
     def waiter(self, request_id: str) -> Waiter:
         """The waiter that `notify(request_id, ...)` will wake (shared by all its pollers)."""
         with self._lock:
-            return self._waiters.setdefault(request_id, Waiter())
+            waiter = self._waiters.setdefault(request_id, Waiter())
+            waiter.pollers += 1
+            return waiter
 
     def forget(self, request_id: str, waiter: Waiter) -> None:
+        """A poller leaves; the waiter stays registered while other pollers still wait on it."""
         with self._lock:
-            if self._waiters.get(request_id) is waiter:
+            waiter.pollers -= 1
+            if waiter.pollers <= 0 and self._waiters.get(request_id) is waiter:
                 del self._waiters[request_id]
 
     def notify(self, request_id: str, record: FutureRecord) -> None:

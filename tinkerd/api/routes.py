@@ -1,8 +1,8 @@
 """The HTTP endpoints of the Tinker protocol (`tinker-protocol.md` §3).
 
 Handlers are thin: authenticate, parse, call the Service, shape the JSON. Plain `def`
-handlers run in FastAPI's threadpool (they do blocking database work); `retrieve_future` is
-`async` because it long-polls.
+handlers run in FastAPI's threadpool (they do blocking database work); `retrieve_future` and
+`retrieve_futures` are `async` because they long-poll.
 """
 
 import asyncio
@@ -18,6 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel
 
 from tinkerd.api import auth, schemas
+from tinkerd.api.futures import completion_queue_key
 from tinkerd.api.service import ApiError, Service, not_found
 from tinkerd.checkpoints.peft_format import read_adapter_info
 from tinkerd.store.records import CheckpointRecord, FutureRecord, TrainingRunRecord
@@ -117,16 +118,21 @@ def healthz() -> dict[str, str]:
 
 @router.post("/client/config")
 def client_config(request: Request) -> dict[str, Any]:
-    config: dict[str, Any] = {"pjwt_auth_enabled": False}
-    chunk = request.app.state.fwdbwd_max_chunk_len
+    state = request.app.state
+    config: dict[str, Any] = {
+        "pjwt_auth_enabled": False,
+        "sample_use_retrieve_futures": state.sample_use_retrieve_futures,
+        "sample_join_sampling_session": state.sample_join_sampling_session,
+    }
+    chunk = state.fwdbwd_max_chunk_len
     if chunk:
         config["fwdbwd_max_chunk_len"] = chunk
     return config
 
 
 @router.post("/client/dynamic_config")
-def dynamic_config() -> dict[str, Any]:
-    return {}
+def dynamic_config(request: Request) -> dict[str, Any]:
+    return {"sample_cancel_enabled": request.app.state.sample_cancel_enabled}
 
 
 @router.post("/create_session")
@@ -277,6 +283,74 @@ async def retrieve_future(
                 return render_future(waiter.record)
         finally:
             svc.hub.forget(request_id, waiter)
+
+
+# Most completions one /retrieve_futures answer carries (the poller comes back for the rest).
+MAX_COMPLETIONS = 1000
+
+
+@router.post("/retrieve_futures")
+async def retrieve_futures(
+    request_body: schemas.FuturesRetrieveRequest, user: User, svc: Svc, request: Request
+) -> dict[str, Any]:
+    """Long-poll one sampling client's part of its session's completion queue: the samples
+    that finished or failed after `prev_cursor`, as soon as there are any, else none after
+    the poll time (at once for `timeout` 0). The cursor is a place in the queue, stored with
+    each future, so it stays valid across restarts. `retrieved_request_ids` is accepted and
+    ignored: results stay stored (the database is the request log)."""
+    target = request_body.target
+    sampler_id, client_id = target.sampling_session_id, target.cloned_sampler_id
+    cursor = await run_in_threadpool(
+        svc.completion_queue_start, user, sampler_id, client_id, request_body.prev_cursor
+    )
+    loop = asyncio.get_running_loop()
+    wait = request.app.state.long_poll_seconds
+    if request_body.timeout is not None:
+        wait = min(wait, request_body.timeout)
+    deadline = loop.time() + wait
+    key = completion_queue_key(sampler_id)
+    while True:
+        waiter = svc.hub.waiter(key)
+        try:
+            found = await run_in_threadpool(
+                svc.store.completions, sampler_id, client_id, cursor, MAX_COMPLETIONS
+            )
+            remaining = deadline - loop.time()
+            if found or remaining <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter.event.wait(), remaining)
+        finally:
+            svc.hub.forget(key, waiter)
+    completions = [
+        schemas.FutureCompletion(
+            state="finished" if c.status == "complete" else "failed",
+            request_id=c.request_id,
+            response_payload_uncompressed_size=c.payload_size,
+        )
+        for c in found
+    ]
+    response = schemas.FuturesRetrieveResponse(
+        completions=completions, cursor=found[-1].cursor if found else cursor
+    )
+    return response.model_dump(mode="json", exclude_none=True)
+
+
+@router.post("/cancel_future")
+def cancel_future(
+    request_body: schemas.CancelFutureRequest, user: User, svc: Svc
+) -> dict[str, bool]:
+    """Cancel a sample that has not started (its future fails); otherwise do nothing."""
+    return {"cancelled": svc.cancel_future(user, request_body.request_id)}
+
+
+@router.post("/join_sampling_session")
+def join_sampling_session(
+    request_body: schemas.JoinSamplingSessionRequest, user: User, svc: Svc
+) -> dict[str, Any]:
+    """A clone id, unique within the sampling session, for an unpickled sampling client."""
+    client_id = svc.join_sampling_session(user, request_body.sampling_session_id)
+    return schemas.JoinSamplingSessionResponse(client_counter=client_id).model_dump(mode="json")
 
 
 def render_future(rec: FutureRecord) -> Response:
@@ -514,26 +588,14 @@ def export_session_trace(session_id: str, user: User) -> JSONResponse:
 
 
 # -- optional endpoints behind client-config flags tinkerd leaves off ------------------------
-# The SDK calls these only when /client/config (`sample_use_retrieve_futures`,
-# `custom_loss_server_side`, `sample_join_sampling_session`) or /client/dynamic_config
-# (`sample_cancel_enabled`) turns them on, and tinkerd never does; a client that calls them
-# anyway gets a clear 400 (not a bare one, which the SDK would retry).
+# The SDK calls these only when /client/config (`custom_loss_server_side`) turns them on, and
+# tinkerd never does; a client that calls them anyway gets a clear 400 (not a bare one, which
+# the SDK would retry).
 
 _NOT_SUPPORTED: dict[str, str] = {
-    "retrieve_futures": (
-        "batched future polling is off (sample_use_retrieve_futures=false); "
-        "poll each request with /retrieve_future"
-    ),
-    "cancel_future": (
-        "sample cancellation is off (sample_cancel_enabled=false); "
-        "abandoned samples simply run to completion"
-    ),
     "create_custom_loss": (
         "uploaded loss graphs are not executed on the server (custom_loss_server_side=false); "
         "the SDK runs create_custom_loss losses on the client"
-    ),
-    "join_sampling_session": (
-        "shared sampling sessions are off (sample_join_sampling_session=false)"
     ),
 }
 
@@ -544,21 +606,6 @@ def _not_supported(name: str) -> JSONResponse:
     )
 
 
-@router.post("/retrieve_futures")
-def retrieve_futures(user: User) -> JSONResponse:
-    return _not_supported("retrieve_futures")
-
-
-@router.post("/cancel_future")
-def cancel_future(user: User) -> JSONResponse:
-    return _not_supported("cancel_future")
-
-
 @router.post("/create_custom_loss")
 def create_custom_loss(user: User) -> JSONResponse:
     return _not_supported("create_custom_loss")
-
-
-@router.post("/join_sampling_session")
-def join_sampling_session(user: User) -> JSONResponse:
-    return _not_supported("join_sampling_session")

@@ -420,6 +420,32 @@ class CancelFutureRequest(RequestModel):
     request_id: NonEmptyStr
 
 
+# The SDK's clone ids are below 1e9 (seq_ids are clone * 1e9 + n, within int64).
+ClientId = Annotated[int, Strict(), Field(ge=0, le=(2**63 - 1) // 1_000_000_000)]
+# The most request ids one poll may report as retrieved (the SDK reports them as they come).
+MAX_RETRIEVED_IDS = 100_000
+
+
+class SamplingSessionFuturesTarget(RequestModel):
+    type: Literal["sampling_session"] = "sampling_session"
+    sampling_session_id: NonEmptyStr
+    cloned_sampler_id: ClientId = 0
+
+
+class FuturesRetrieveRequest(RequestModel):
+    """POST /retrieve_futures: poll one client's part of a sampling session's completion
+    queue. `timeout` 0 asks for an answer at once; none, the server's long-poll time."""
+
+    target: SamplingSessionFuturesTarget
+    prev_cursor: Annotated[int, Strict(), Field(ge=0, le=2**63 - 1)] = 0
+    timeout: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    retrieved_request_ids: Annotated[list[Str], Field(max_length=MAX_RETRIEVED_IDS)] = []
+
+
+class JoinSamplingSessionRequest(RequestModel):
+    sampling_session_id: NonEmptyStr
+
+
 class TtlUpdateRequest(RequestModel):
     """PUT .../checkpoints/{ckpt}/ttl; null means never expire."""
 
@@ -485,11 +511,31 @@ class ClientConfigResponse(ResponseModel):
     fwdbwd_max_chunk_len: int | None = None
     fwdbwd_max_chunk_bytes_count: int | None = None
     sample_max_concurrent_requests: int | None = None
+    sample_use_retrieve_futures: bool | None = None
+    sample_join_sampling_session: bool | None = None
 
 
 class ClientDynamicConfigResponse(ResponseModel):
     refresh_interval_sec: int = 300
     sample_cancel_enabled: bool = False
+
+
+class FutureCompletion(ResponseModel):
+    """One entry of /retrieve_futures: `state` finished (with the result's size) or failed."""
+
+    state: Literal["finished", "failed"]
+    request_id: str
+    response_payload_uncompressed_size: int | None = None
+
+
+class FuturesRetrieveResponse(ResponseModel):
+    completions: list[FutureCompletion]
+    cursor: int
+
+
+class JoinSamplingSessionResponse(ResponseModel):
+    type: Literal["join_sampling_session"] = "join_sampling_session"
+    client_counter: int
 
 
 class CreateSessionResponse(ResponseModel):
@@ -674,12 +720,17 @@ __all__ = [
     "EncodedTextChunk",
     "ErrorResponse",
     "ExternalWeightsUrlsResponse",
+    "FutureCompletion",
+    "FuturesRetrieveRequest",
+    "FuturesRetrieveResponse",
     "GetInfoRequest",
     "GetInfoResponse",
     "GetSamplerResponse",
     "GetServerCapabilitiesResponse",
     "GetSessionResponse",
     "HealthResponse",
+    "JoinSamplingSessionRequest",
+    "JoinSamplingSessionResponse",
     "ListSessionsResponse",
     "LoadWeightsRequest",
     "LoadWeightsResponse",
@@ -694,6 +745,7 @@ __all__ = [
     "RetrieveFutureRequest",
     "SampleRequest",
     "SamplingParams",
+    "SamplingSessionFuturesTarget",
     "SaveWeightsExternalRequest",
     "SaveWeightsExternalResponse",
     "SaveWeightsForSamplerRequest",

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tinkerd.api import codec
-from tinkerd.api.futures import FutureHub
+from tinkerd.api.futures import FutureHub, completion_queue_key
 from tinkerd.checkpoints import downloads
 from tinkerd.checkpoints.paths import TinkerPath
 from tinkerd.checkpoints.peft_format import (
@@ -202,8 +202,14 @@ class Service:
         return stored
 
     def _callbacks(
-        self, request_id: str, encode: Callable[[object], tuple[bytes, str]]
+        self,
+        request_id: str,
+        encode: Callable[[object], tuple[bytes, str]],
+        queue: str | None = None,
     ) -> tuple[Callable[[object], None], Callable[[Exception], None]]:
+        """`queue`: the sampling session whose completion queue the future joins (a sample
+        with a seq_id), whose /retrieve_futures pollers are woken too."""
+
         def done(result: object) -> None:
             try:
                 data, result_type = encode(result)
@@ -211,7 +217,7 @@ class Service:
                 failed(exc)
                 return
             self.store.complete_future(request_id, data, result_type)
-            self.hub.notify(request_id, _finished(request_id, "complete", data, result_type))
+            self._wake(request_id, _finished(request_id, "complete", data, result_type), queue)
 
         def failed(exc: Exception) -> None:
             user_error = isinstance(exc, (UserError, LossInputError, ValueError, KeyError))
@@ -220,11 +226,16 @@ class Service:
             message = str(exc) or type(exc).__name__
             category = "user" if user_error else "server"
             self.store.fail_future(request_id, message, category)
-            self.hub.notify(
-                request_id, _finished(request_id, "failed", error=message, category=category)
-            )
+            record = _finished(request_id, "failed", error=message, category=category)
+            self._wake(request_id, record, queue)
 
         return done, failed
+
+    def _wake(self, request_id: str, record: FutureRecord, queue: str | None) -> None:
+        """Wake the long-pollers of a future just stored as finished, and of its queue."""
+        self.hub.notify(request_id, record)
+        if queue is not None:
+            self.hub.notify(completion_queue_key(queue), record)
 
     def _op(
         self,
@@ -233,8 +244,9 @@ class Service:
         encode: Callable[[object], tuple[bytes, str]],
         model_id: str | None = None,
         seq_id: int | None = None,
+        queue: str | None = None,
     ) -> Op:
-        done, failed = self._callbacks(request_id, encode)
+        done, failed = self._callbacks(request_id, encode, queue)
         if model_id is None:
             return Op(request_id, action, done, failed)
 
@@ -711,17 +723,60 @@ class Service:
             return data, "proto"
 
         seq_id = body.get("seq_id")
+        # A sample of a sampling session with a seq_id joins the session's completion queue
+        # (the store numbers it when it finishes; see /retrieve_futures).
+        queue = sampler_id if seq_id is not None else None
         rec = self._submit(
             user,
             "sample",
             body,
             scheduler,
-            lambda rid: self._op(rid, Sample(item, snapshot_dir), encode),
-            model_id=sampler_id if seq_id is not None else None,
+            lambda rid: self._op(rid, Sample(item, snapshot_dir), encode, queue=queue),
+            model_id=queue,
             seq_id=int(seq_id) if seq_id is not None else None,
         )
         ids = [f"{rec.request_id}:{i}" for i in range(item.num_samples)]
         return Future(rec.request_id, sample_sequence_ids=ids)
+
+    # -- sampling clients: completion queues, clone ids, cancellation --------------------
+
+    def completion_queue_start(
+        self, user: str, sampler_id: str, client_id: int, prev_cursor: int
+    ) -> int:
+        """For a /retrieve_futures poll (404 for another user's sampler): record the client's
+        acknowledgement `prev_cursor` (the SDK's poller sends the last cursor it processed)
+        and answer where to read from. A fresh poller (cursor 0) of a client whose poller
+        came before starts after what that one acknowledged, as the SDK trims seen events."""
+        self.sampler(user, sampler_id)
+        acked = self.store.acked_cursor(sampler_id, client_id)
+        if prev_cursor > acked:
+            self.store.ack_cursor(sampler_id, client_id, prev_cursor)
+        return prev_cursor if prev_cursor > 0 else acked
+
+    def join_sampling_session(self, user: str, sampler_id: str) -> int:
+        """A clone id for a new client of the user's sampling session (never reused)."""
+        self.sampler(user, sampler_id)
+        return self.store.join_sampling_session(sampler_id)
+
+    def cancel_future(self, user: str, request_id: str) -> bool:
+        """Cancel a sample that has not started: out of its queue, its future failed (category
+        user: the client gave it up). One that runs or has finished is left alone, so a
+        repeat is harmless. Returns whether it was cancelled now."""
+        rec = self.get_future(request_id, user)
+        if rec.kind != "sample":
+            raise ApiError(
+                400,
+                f"request {request_id!r} is a {rec.kind} request; only sample requests can be "
+                "cancelled (training requests are part of their run's ordered log)",
+            )
+        if rec.status != "pending":
+            return False
+        for scheduler in self.schedulers.values():
+            op = scheduler.cancel_sample(request_id)
+            if op is not None:
+                op.fail(UserError("sample request cancelled by its client before it started"))
+                return True
+        return False
 
     # -- checkpoints and runs -----------------------------------------------------------
 
@@ -930,10 +985,9 @@ class Service:
     def fail_unfinished(self, rec: FutureRecord, message: str) -> None:
         if rec.status == "pending":
             self.store.fail_future(rec.request_id, message, "server")
-            self.hub.notify(
-                rec.request_id,
-                _finished(rec.request_id, "failed", error=message, category="server"),
-            )
+            queue = rec.model_id if rec.kind == "sample" else None
+            record = _finished(rec.request_id, "failed", error=message, category="server")
+            self._wake(rec.request_id, record, queue)
 
     def release_idle_runs(self, idle_seconds: float) -> int:
         """Ask the schedulers to move out of memory the runs that neither had a request nor

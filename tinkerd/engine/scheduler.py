@@ -121,6 +121,17 @@ class ModelScheduler:
                 queue.pending[op.seq_id] = op
             self._cv.notify_all()
 
+    def cancel_sample(self, request_id: str) -> Op | None:
+        """Take a queued sample op out before it starts; the caller fails it. None if it is
+        not queued here (started, done, or never here): it then runs to completion, since a
+        batch in progress is never interrupted."""
+        with self._cv:
+            for i, op in enumerate(self._samples):
+                if op.request_id == request_id:
+                    del self._samples[i]
+                    return op
+        return None
+
     def skip(self, model_id: str, seq_id: int) -> None:
         """Mark a rejected request's seq_id as consumed (a no-op in the run's order). Does
         nothing if that seq_id is already queued or applied."""

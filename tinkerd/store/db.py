@@ -100,6 +100,7 @@ class FutureRow(Base):
         # concurrent retries cannot create two futures. NULLs never collide (samples, creates).
         UniqueConstraint("model_id", "seq_id", name="uq_futures_model_seq"),
         Index("ix_futures_status_created", "status", "created_at"),
+        Index("ix_futures_completion", "model_id", "completion_seq"),
     )
 
     request_id: Mapped[str] = mapped_column(ID, primary_key=True)
@@ -116,6 +117,9 @@ class FutureRow(Base):
     category: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # A sample of a sampling session: its place in the session's completion queue (1, 2, ...
+    # in commit order), the cursor of /retrieve_futures; set by the store when it finishes.
+    completion_seq: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class CheckpointRow(Base):
@@ -147,6 +151,19 @@ class SamplingSessionRow(Base):
     base_model: Mapped[str] = mapped_column(ID)
     model_path: Mapped[str | None] = mapped_column(Text)
     snapshot_of: Mapped[str | None] = mapped_column(ID)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class SamplingClientRow(Base):
+    """A client of a sampling session (`cloned_sampler_id`; 0 is the original): the ids
+    /join_sampling_session has handed out, and how far each client's /retrieve_futures poller
+    has acknowledged the session's completion queue."""
+
+    __tablename__ = "sampling_clients"
+
+    sampling_session_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    client_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    acked_cursor: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 

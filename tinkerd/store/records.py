@@ -52,6 +52,9 @@ class FutureRecord:
     category: str | None = None  # user | server | unknown
     created_at: datetime | None = None
     completed_at: datetime | None = None
+    # Place in its sampling session's completion queue (samples with a seq_id; set by the
+    # store when the future finishes, never by callers).
+    completion_seq: int | None = None
 
 
 @dataclass
@@ -91,3 +94,13 @@ class ApiKeyRecord:
     key_hash: str  # hex SHA-256 of the whole key
     created_at: datetime | None = None
     revoked_at: datetime | None = None
+
+
+@dataclass
+class Completion:
+    """A finished or failed sample in its sampling session's completion queue."""
+
+    request_id: str
+    status: str  # complete | failed
+    cursor: int  # its completion_seq: place in the session's queue
+    payload_size: int | None = None  # bytes of the stored result (complete only)

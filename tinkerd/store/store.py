@@ -10,7 +10,19 @@ from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, Engine, create_engine, delete, event, func, select, update
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    ColumnElement,
+    Engine,
+    create_engine,
+    delete,
+    event,
+    func,
+    inspect,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
@@ -21,6 +33,7 @@ from tinkerd.store.db import (
     Base,
     CheckpointRow,
     FutureRow,
+    SamplingClientRow,
     SamplingSessionRow,
     SessionRow,
     TrainingRunRow,
@@ -28,6 +41,7 @@ from tinkerd.store.db import (
 from tinkerd.store.records import (
     ApiKeyRecord,
     CheckpointRecord,
+    Completion,
     FutureRecord,
     SamplingSessionRecord,
     SessionRecord,
@@ -39,6 +53,9 @@ Row = TypeVar("Row", bound=Base)
 
 # Record fields the store fills with "now" when the caller leaves them None.
 _NOW_FIELDS = ("created_at", "last_heartbeat", "last_request_time")
+# Clients of a sampling session number their seq_ids from client_id * this (the SDK's
+# `cloned_sampler_id = seq_id // 1_000_000_000`).
+CLIENT_SEQ_BLOCK = 1_000_000_000
 # How long a SQLite writer waits for the lock before "database is locked" (milliseconds).
 _SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -108,9 +125,23 @@ class Store:
         else:
             raise ValueError(f"unsupported database {self._dialect!r}: use sqlite or postgresql")
         Base.metadata.create_all(self._engine)
+        self._upgrade()
         self._reader = sessionmaker(self._engine, expire_on_commit=False)
         writer_engine = self._engine.execution_options(tinkerd_write=True)
         self._writer = sessionmaker(writer_engine, expire_on_commit=False)
+
+    def _upgrade(self) -> None:
+        """Bring a database made by an older tinkerd up to date. `create_all` adds missing
+        tables (with their indexes) but never columns, so columns added since are added here;
+        each is nullable, so existing rows stay valid (their NULL means "not recorded")."""
+        columns = {c["name"] for c in inspect(self._engine).get_columns(FutureRow.__tablename__)}
+        if "completion_seq" not in columns:
+            column = Column("completion_seq", BigInteger())
+            kind = column.type.compile(dialect=self._engine.dialect)
+            with self._engine.begin() as conn:
+                conn.exec_driver_sql(f"ALTER TABLE futures ADD COLUMN completion_seq {kind}")
+        for index in FutureRow.__table__.indexes:
+            index.create(self._engine, checkfirst=True)
 
     def close(self) -> None:
         self._engine.dispose()
@@ -279,26 +310,34 @@ class Store:
     def complete_future(self, request_id: str, result: bytes, result_type: str) -> bool:
         """Store the result. Only a pending future changes (first outcome wins, so a result a
         client may already have read is never replaced); returns whether it changed."""
-        return self._update(
-            FutureRow,
-            (FutureRow.request_id == request_id) & (FutureRow.status == "pending"),
-            status="complete",
-            result=result,
-            result_type=result_type,
-            completed_at=_now(),
-        )
+        return self._finish(request_id, status="complete", result=result, result_type=result_type)
 
     def fail_future(self, request_id: str, error: str, category: str) -> bool:
         """Store the failure (`category`: user | server | unknown); as complete_future, only a
         pending future changes."""
-        return self._update(
-            FutureRow,
-            (FutureRow.request_id == request_id) & (FutureRow.status == "pending"),
-            status="failed",
-            error=error,
-            category=category,
-            completed_at=_now(),
-        )
+        return self._finish(request_id, status="failed", error=error, category=category)
+
+    def _finish(self, request_id: str, **values: Any) -> bool:
+        """Finish a pending future; a sample of a sampling session also takes the next place
+        in that session's completion queue, in the same transaction. The session's row is
+        locked first (PostgreSQL; SQLite writes are serialized anyway), so places are given
+        in commit order: a poller that has seen place n has seen every place before it."""
+        pending = (FutureRow.request_id == request_id) & (FutureRow.status == "pending")
+        with self._write() as s:
+            row = s.execute(select(FutureRow.kind, FutureRow.model_id).where(pending)).first()
+            if row is None:
+                return False
+            kind, model_id = row
+            if kind == "sample" and model_id is not None:
+                self._lock_sampling_session(s, model_id)
+                last = s.scalar(
+                    select(func.max(FutureRow.completion_seq)).where(FutureRow.model_id == model_id)
+                )
+                values["completion_seq"] = (last or 0) + 1
+            result = s.execute(
+                update(FutureRow).where(pending).values(completed_at=_now(), **values)
+            )
+            return result.rowcount > 0  # type: ignore[attr-defined]
 
     def unfinished_futures(self) -> list[FutureRecord]:
         """Pending futures, oldest first: what a restarted server must re-run or fail."""
@@ -418,6 +457,91 @@ class Store:
             if row is None or (user is not None and row.user != user):
                 return None
             return _to_record(SamplingSessionRecord, row)
+
+    def completions(
+        self, sampling_session_id: str, client_id: int, after: int, limit: int
+    ) -> list[Completion]:
+        """The session's finished samples of one client (its seq_id block) after queue place
+        `after`, oldest first; payload sizes without reading the payloads."""
+        low = client_id * CLIENT_SEQ_BLOCK
+        with self._read() as s:
+            rows = s.execute(
+                select(
+                    FutureRow.request_id,
+                    FutureRow.status,
+                    FutureRow.completion_seq,
+                    func.length(FutureRow.result),
+                )
+                .where(
+                    FutureRow.model_id == sampling_session_id,
+                    FutureRow.completion_seq > after,
+                    FutureRow.seq_id >= low,
+                    FutureRow.seq_id < low + CLIENT_SEQ_BLOCK,
+                )
+                .order_by(FutureRow.completion_seq)
+                .limit(limit)
+            )
+            return [
+                Completion(rid, status, seq, size if status == "complete" else None)
+                for rid, status, seq, size in rows
+            ]
+
+    def acked_cursor(self, sampling_session_id: str, client_id: int) -> int:
+        """How far the client's poller has acknowledged the session's queue (0: not at all)."""
+        with self._read() as s:
+            row = s.get(SamplingClientRow, (sampling_session_id, client_id))
+            return 0 if row is None else row.acked_cursor
+
+    def ack_cursor(self, sampling_session_id: str, client_id: int, cursor: int) -> None:
+        """Record that the client has seen the queue up to `cursor` (never moves back)."""
+        with self._write() as s:
+            self._lock_sampling_session(s, sampling_session_id)
+            row = s.get(SamplingClientRow, (sampling_session_id, client_id))
+            if row is None:
+                s.add(
+                    SamplingClientRow(
+                        sampling_session_id=sampling_session_id,
+                        client_id=client_id,
+                        acked_cursor=cursor,
+                        created_at=_now(),
+                    )
+                )
+            elif row.acked_cursor < cursor:
+                row.acked_cursor = cursor
+
+    def join_sampling_session(self, sampling_session_id: str) -> int:
+        """A new client id for the session, never handed out before (also not one a client
+        picked for itself, as the SDK does when joining is off: ids above every seq_id block
+        already used). Durable, so a restart never hands an id out twice."""
+        with self._write() as s:
+            self._lock_sampling_session(s, sampling_session_id)
+            joined = s.scalar(
+                select(func.max(SamplingClientRow.client_id)).where(
+                    SamplingClientRow.sampling_session_id == sampling_session_id
+                )
+            )
+            used = s.scalar(
+                select(func.max(FutureRow.seq_id)).where(FutureRow.model_id == sampling_session_id)
+            )
+            client_id = max(joined or 0, (used or 0) // CLIENT_SEQ_BLOCK) + 1
+            s.add(
+                SamplingClientRow(
+                    sampling_session_id=sampling_session_id,
+                    client_id=client_id,
+                    acked_cursor=0,
+                    created_at=_now(),
+                )
+            )
+            return client_id
+
+    def _lock_sampling_session(self, s: Session, sampling_session_id: str) -> None:
+        """Serialize writers of one sampling session's queue and clients (PostgreSQL; SQLite
+        write transactions are serialized already)."""
+        s.execute(
+            select(SamplingSessionRow.sampling_session_id)
+            .where(SamplingSessionRow.sampling_session_id == sampling_session_id)
+            .with_for_update()
+        )
 
     # API keys
 
