@@ -80,13 +80,7 @@ async def skip_rejected_seq(request: Request, body: Any) -> None:
             user = current_user(request=request, x_api_key=request.headers.get("x-api-key"))
         except ApiError:
             return
-        run = svc.store.get_training_run(model_id, user)
-        if run is None or svc._is_retry(model_id, seq_id):
-            return  # not the caller's run, or that seq_id has a request already
-        # The service's own path for a refused request of a run (it records the refusal
-        # too), given the same error the caller gets.
-        with contextlib.suppress(ApiError), svc._rejection_skips_seq(run, model_id, seq_id):
-            raise ApiError(422, "the request failed validation")
+        svc.skip_refused(user, model_id, seq_id, "the request failed validation")
 
     await run_in_threadpool(skip)
 

@@ -6,6 +6,7 @@ callbacks, run on the scheduler thread, encode the result as the SDK expects (pr
 forward/backward and sample results, JSON otherwise), store it, and wake the long-pollers.
 """
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -528,8 +529,17 @@ class Service:
 
     def _is_retry(self, model_id: str, seq_id: int) -> bool:
         """A future for exactly this (model_id, seq_id) already exists: the SDK retrying."""
-        futures = self.store.futures_for_model(model_id, seq_id)
-        return bool(futures) and futures[0].seq_id == seq_id
+        return self.store.future_by_seq(model_id, seq_id) is not None
+
+    def skip_refused(self, user: str, model_id: str, seq_id: int, message: str) -> None:
+        """A training request refused before it reached the service (a 422 of the HTTP
+        layer) still used up its seq_id: move the caller's run past it, as for the service's
+        own refusals. Nothing happens for another user's run or a seq_id already taken."""
+        run = self.store.get_training_run(model_id, user)
+        if run is None or self._is_retry(model_id, seq_id):
+            return
+        with contextlib.suppress(ApiError), self._rejection_skips_seq(run, model_id, seq_id):
+            raise ApiError(422, message)
 
     def _snapshot(
         self, user: str, body: dict[str, Any], run: TrainingRunRecord, scheduler: ModelScheduler
@@ -542,10 +552,9 @@ class Service:
         sampler_id = f"{run.session_id}:sample:{int(n)}"
 
         def encode(_: object) -> tuple[bytes, str]:
+            result = {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
             if self.store.get_sampling_session(sampler_id) is not None:  # a replay after restart
-                return _json(
-                    {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
-                )
+                return _json(result)
             self.store.create_sampling_session(
                 SamplingSessionRecord(
                     sampling_session_id=sampler_id,
@@ -556,7 +565,7 @@ class Service:
                     snapshot_of=model_id,
                 )
             )
-            return _json({"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"})
+            return _json(result)
 
         rec = self._submit(
             user,

@@ -289,13 +289,13 @@ class Store:
         except IntegrityError:
             if rec.model_id is None or rec.seq_id is None:
                 raise
-            existing = self._future_by_seq(rec.model_id, rec.seq_id)
+            existing = self.future_by_seq(rec.model_id, rec.seq_id)
             if existing is None:  # the conflict was on request_id, not a retry
                 raise
             return existing
         return _to_record(FutureRecord, row)
 
-    def _future_by_seq(self, model_id: str, seq_id: int) -> FutureRecord | None:
+    def future_by_seq(self, model_id: str, seq_id: int) -> FutureRecord | None:
         with self._read() as s:
             row = s.scalar(
                 select(FutureRow).where(FutureRow.model_id == model_id, FutureRow.seq_id == seq_id)
