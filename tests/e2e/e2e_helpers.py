@@ -6,10 +6,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import httpx
 import pytest
@@ -45,6 +46,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_serve(
+    model_dir: Path, data_dir: Path, port: int, log: IO[bytes], **env: str
+) -> subprocess.Popen[bytes]:
+    """`tinkerd serve` on loopback `port` (one torch thread), its output into `log`."""
+    full_env = {**os.environ, "TINKERD_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}
+    launcher = [str(TINKERD)] if TINKERD.exists() else [sys.executable, "-m", "tinkerd.cli"]
+    cmd = [*launcher, "serve", "--port", str(port), "--data-dir", str(data_dir)]
+    cmd += ["--model", str(model_dir)]
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+
+
+def wait_healthy(proc: subprocess.Popen[bytes], base_url: str, log: Callable[[], str]) -> None:
+    """Wait for /healthz; RuntimeError with the server's log if it exits or never answers."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"tinkerd exited early ({proc.returncode}):\n{log()}")
+        try:
+            if httpx.get(f"{base_url}/api/v1/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"tinkerd did not become healthy:\n{log()}")
+        time.sleep(0.1)
+
+
 @contextmanager
 def run_server(
     model_dir: Path, workdir: Path, port: int | None = None, **env: str
@@ -54,33 +82,13 @@ def run_server(
     port = port or free_port()
     data_dir = workdir / "data"
     log_path = workdir / "server.log"
-    full_env = {
-        **os.environ,
-        "TINKERD_LONG_POLL_SECONDS": "5",
-        "TINKERD_THREADS": "1",
-        "PYTHONUNBUFFERED": "1",
-        **env,
-    }
-    launcher = [str(TINKERD)] if TINKERD.exists() else [sys.executable, "-m", "tinkerd.cli"]
-    cmd = [*launcher, "serve", "--port", str(port), "--data-dir", str(data_dir)]
-    cmd += ["--model", str(model_dir)]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
-    base_url = f"http://127.0.0.1:{port}"
-    server = Server(base_url, str(model_dir), log_path, data_dir)
+        proc = start_serve(
+            model_dir, data_dir, port, log, **{"TINKERD_LONG_POLL_SECONDS": "5", **env}
+        )
+    server = Server(f"http://127.0.0.1:{port}", str(model_dir), log_path, data_dir)
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"tinkerd exited early ({proc.returncode}):\n{server.log()}")
-            try:
-                if httpx.get(f"{base_url}/api/v1/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"tinkerd did not become healthy:\n{server.log()}")
-            time.sleep(0.2)
+        wait_healthy(proc, server.base_url, server.log)
     except BaseException:
         proc.kill()
         proc.wait()

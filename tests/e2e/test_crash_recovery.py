@@ -8,7 +8,6 @@ writes run state every 2 optim steps (TINKERD_STATE_EVERY=2), so restarts exerci
 stored state and the replay of the request log after it.
 """
 
-import os
 import random
 import signal
 import subprocess
@@ -19,11 +18,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import tinker
-from e2e_helpers import STARTUP_TIMEOUT_S, TINKERD, adam, free_port, sft_datum
+from e2e_helpers import adam, free_port, sft_datum, start_serve, wait_healthy
 from safetensors.numpy import load_file
 from tinker import types
 
@@ -81,31 +79,18 @@ class Server:
         self.starts = 0
 
     def start(self) -> None:
-        env = {
-            **os.environ,
-            "TINKERD_THREADS": "1",
-            "TINKERD_LONG_POLL_SECONDS": "2",
-            "TINKERD_STATE_EVERY": "2",
-            "PYTHONUNBUFFERED": "1",
-            **self.env,
-        }
-        cmd = [str(TINKERD), "serve", "--port", str(self.port), "--data-dir", str(self.data_dir)]
         with open(self.log_path, "ab") as log:
             log.write(f"\n===== start {self.starts} =====\n".encode())
-            self.proc = subprocess.Popen(
-                [*cmd, "--model", str(self.model)], stdout=log, stderr=subprocess.STDOUT, env=env
+            log.flush()
+            self.proc = start_serve(
+                self.model,
+                self.data_dir,
+                self.port,
+                log,
+                **{"TINKERD_LONG_POLL_SECONDS": "2", "TINKERD_STATE_EVERY": "2", **self.env},
             )
         self.starts += 1
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log()
-            try:
-                if httpx.get(f"{self.base_url}/api/v1/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"tinkerd did not come up:\n{self.log()}")
+        wait_healthy(self.proc, self.base_url, self.log)
 
     def kill(self) -> None:
         assert self.proc is not None
