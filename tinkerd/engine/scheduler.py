@@ -150,7 +150,7 @@ class ModelScheduler:
         restart) continues after the seq_id its stored state includes."""
         queue = self._runs.get(model_id)
         if queue is None:
-            seq = self.run_states.seq_id(model_id) if self.run_states else None
+            seq = self.state_seq_id(model_id)
             queue = self._runs[model_id] = _RunQueue(next_seq=0 if seq is None else seq + 1)
         return queue
 
