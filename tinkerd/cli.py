@@ -24,6 +24,11 @@ DataDirOption = Annotated[
 DatabaseUrlOption = Annotated[
     str | None, typer.Option(help="SQLAlchemy URL [env: TINKERD_DATABASE_URL]")
 ]
+BenchDtypeOption = typer.Option(
+    help="bfloat16 | float32 (default: bfloat16 on CUDA and on CPUs with native bf16 "
+    "matmuls, else float32; the output's first line says which and why)",
+    show_default=False,
+)
 
 
 def _settings(**overrides: object) -> Settings:
@@ -44,6 +49,15 @@ def serve(
         str | None, typer.Option(help="float32 | bfloat16 [env: TINKERD_DTYPE]")
     ] = None,
     device: Annotated[str | None, typer.Option(help="cpu | cuda [env: TINKERD_DEVICE]")] = None,
+    allow_slow_bf16: Annotated[
+        bool,
+        typer.Option(
+            "--allow-slow-bf16",
+            help="Serve --dtype bfloat16 on a CPU without native bf16 matmuls (tens to "
+            "hundreds of times slower than float32) [env: TINKERD_ALLOW_SLOW_BF16]",
+            show_default=False,
+        ),
+    ] = False,
     insecure: Annotated[
         bool,
         typer.Option(
@@ -67,8 +81,10 @@ def serve(
         dtype=dtype,
         device=device,
         insecure=insecure or None,  # unset: TINKERD_INSECURE decides
+        allow_slow_bf16=allow_slow_bf16 or None,  # unset: TINKERD_ALLOW_SLOW_BF16 decides
     )
     registered = _check_exposure(settings)
+    _check_bf16(settings)
 
     # Imported after the check (they pull in torch), so a refusal is immediate.
     import uvicorn
@@ -127,6 +143,34 @@ def _check_exposure(settings: Settings) -> bool:
         err=True,
     )
     return False
+
+
+def _check_bf16(settings: Settings) -> None:
+    """Refuse (exit 2) to serve bfloat16 on a CPU whose bf16 matmuls are emulated (tens to
+    hundreds of times slower than float32: the server would look hung), unless
+    --allow-slow-bf16. Probes the CPU in ~20 ms before any model is loaded; CUDA is not
+    checked."""
+    if settings.dtype != "bfloat16" or not settings.device.startswith("cpu"):
+        return
+    from tinkerd.model.cpu_features import bf16_support
+
+    support = bf16_support()
+    if support.native:
+        return
+    if not settings.allow_slow_bf16:
+        typer.echo(
+            "tinkerd: refusing --dtype bfloat16 on this CPU: it has no native bf16 matmul, "
+            f"so training and sampling would run many times slower than float32 ({support.reason})"
+            ". Serve --dtype float32 (the default), or pass --allow-slow-bf16 "
+            "(TINKERD_ALLOW_SLOW_BF16=1) to serve bf16 anyway.",
+            err=True,
+        )
+        raise typer.Exit(2)
+    typer.echo(
+        f"tinkerd: WARNING: --allow-slow-bf16: serving bfloat16 without native bf16 "
+        f"({support.reason})",
+        err=True,
+    )
 
 
 @keys_app.command("create")
@@ -252,7 +296,15 @@ def bench_engine(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     threads: Annotated[int, typer.Option(help="torch threads")] = 2,
     steps: Annotated[int, typer.Option(help="timed repetitions (best is kept)")] = 3,
-    dtype: Annotated[str, typer.Option(help="base weights: bfloat16 or float32")] = "bfloat16",
+    dtype: Annotated[str | None, BenchDtypeOption] = None,
+    bf16_autocast: Annotated[
+        bool | None,
+        typer.Option(
+            "--bf16-autocast/--no-bf16-autocast",
+            help="bf16 autocast of the math on both sides (default: with bfloat16 weights)",
+            show_default=False,
+        ),
+    ] = None,
     random_weights: Annotated[
         bool, typer.Option(help="random weights with the model dir's architecture")
     ] = False,
@@ -269,6 +321,7 @@ def bench_engine(
         "steps": steps,
         "random_weights": random_weights,
         "dtype": dtype,
+        "autocast": bf16_autocast,
     }
     if model:
         args["model"] = model
@@ -283,13 +336,18 @@ def bench_api(
     threads: Annotated[int, typer.Option(help="torch threads")] = 2,
     steps: Annotated[int, typer.Option(help="timed repetitions (best is kept)")] = 3,
     rounds: Annotated[int, typer.Option(help="latency round trips")] = 200,
+    dtype: Annotated[str | None, BenchDtypeOption] = None,
 ) -> None:
     """SFT through the SDK and server vs the engine in-process; round-trip latency."""
     from tinkerd.bench.api import ApiBenchConfig, run
 
     settings = _settings(data_dir=data_dir)
     cfg = ApiBenchConfig(
-        data_dir=settings.data_dir, threads=threads, steps=steps, latency_rounds=rounds
+        data_dir=settings.data_dir,
+        threads=threads,
+        steps=steps,
+        latency_rounds=rounds,
+        dtype=dtype,
     )
     if model:
         cfg = ApiBenchConfig(**{**cfg.__dict__, "model": model})
@@ -313,6 +371,7 @@ def bench_load(
     max_rss_growth: Annotated[
         float, typer.Option(help="fail if server RSS grows more than this % after warm-up")
     ] = 5.0,
+    dtype: Annotated[str | None, BenchDtypeOption] = None,
 ) -> None:
     """Concurrent SDK users training and sampling against one `tinkerd serve`: per-request
     throughput and latency, failures, server RSS. Exits 1 on any failure or RSS growth."""
@@ -327,6 +386,7 @@ def bench_load(
             threads=threads,
             baseline_seconds=baseline_seconds,
             max_rss_growth_pct=max_rss_growth,
+            dtype=dtype,
         )
     )
     typer.echo(json.dumps(results))

@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     models: list[str] = Field(default_factory=lambda: [EMBEDDED_MODEL])
     database_url: str | None = None  # default: SQLite in the data dir
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # Serve bfloat16 on a CPU without native bf16 matmuls (tinkerd/model/cpu_features.py),
+    # where it runs tens to hundreds of times slower than float32; refused unless set.
+    allow_slow_bf16: bool = False
     device: str = "cpu"
     threads: int | None = None
     token_budget: int = 8192  # most padded tokens per forward/backward micro-batch
@@ -59,6 +62,15 @@ class Settings(BaseSettings):
     sample_use_retrieve_futures: bool = True
     sample_join_sampling_session: bool = True
     sample_cancel_enabled: bool = True
+    # Sequence records of samples with record_stability_info (for stable_reinforce): at most
+    # this much disk in all; past it the least recently used are deleted (and a training
+    # request naming one gets the "unknown or expired sequence_id" 400).
+    stability_records_max_mb: float = Field(default=1024.0, gt=0)
+    # Server-side custom losses: announced in /client/config, so ServiceClient.create_custom_loss
+    # uploads the traced loss (/create_custom_loss) and forward_backward_custom runs it here
+    # (tinkerd/model/custom_loss.py). Off, the SDK runs them client-side and uploads are
+    # refused; losses stored before still run (replays after a restart need them).
+    custom_loss_server_side: bool = True
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'tinkerd.db'}"

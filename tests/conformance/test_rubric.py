@@ -95,7 +95,6 @@ def test_rubric_grader_scores_one_step(recipes: Recipes, tmp_path: Path) -> None
         f"train_group_size={GROUP_SIZE}",
         "max_tokens=16",
         "lora_rank=8",
-        "loss_fn=importance_sampling",
         "eval_every=0",
         "save_every=0",
         "max_steps=1",

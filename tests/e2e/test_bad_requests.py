@@ -281,7 +281,7 @@ RL = {"target_tokens": TARGETS, "logprobs": tensor([-1.0] * 4, F32), "advantages
             None,
             ["unknown loss_fn"],
         ),
-        ("unsupported loss", TOKENS, RL, "stable_reinforce", None, ["stable_reinforce"]),
+        ("no provenance", TOKENS, RL, "stable_reinforce", None, ["data[0]", "provenance"]),
         (
             "missing weights",
             TOKENS,

@@ -436,11 +436,28 @@ def _copy_into_their_session(t: World, o: World, c: httpx.Client, s: Server) -> 
     return c.post("/copy_weights", json=body)
 
 
+@case("POST", "/create_custom_loss", "session_id")
+def _custom_loss_in_their_session(t: World, o: World, c: httpx.Client, s: Server) -> httpx.Response:
+    out = {"tuple": [{"ref": "logprobs"}, {"dict": {}}]}
+    nodes = [
+        {"op": "placeholder", "name": "logprobs", "target": "logprobs"},
+        {"op": "output", "name": "output", "target": "output", "args": [out]},
+    ]
+    body = {
+        "session_id": t.session_id,
+        "custom_loss_seq_id": 0,
+        "name": "iso",
+        "inputs": [{"name": "logprobs", "rank": 1}],
+        "graph": {"format": 1, "nodes": nodes},
+    }
+    return c.post("/create_custom_loss", json=body)
+
+
 # Raw (protobuf) bodies the router can't describe: their id fields, by route.
 RAW_BODY_ID_FIELDS = {("POST", "/api/v1/forward_backward"): {"model_id"}}
 # Field names that are counters or labels, not ids of a user's objects.
 NOT_IDS = {"seq_id", "model_seq_id", "sampling_session_seq_id", "project_id"}
-NOT_IDS |= {"destination_project_id"}
+NOT_IDS |= {"destination_project_id", "custom_loss_seq_id"}
 
 
 def is_id_field(name: str) -> bool:

@@ -97,7 +97,7 @@ def test_flags_are_announced(server: Server, plain_server: Server) -> None:
         assert config["sample_use_retrieve_futures"] is on
         assert config["sample_join_sampling_session"] is on
         assert dynamic["sample_cancel_enabled"] is on
-        assert not config.get("custom_loss_server_side")
+        assert config["custom_loss_server_side"] is True  # its own switch (test_custom_loss.py)
 
 
 def test_concurrent_samples_match_per_request_polling(

@@ -179,8 +179,9 @@ def _(c: Ctx, a: bool) -> None:
 @entry(
     "ServiceClient.create_custom_loss",
     SUPPORTED,
-    "traced and run client-side (tinkerd leaves `custom_loss_server_side` off; "
-    "`/create_custom_loss` answers 'not supported by tinkerd')",
+    "the traced graph is uploaded (`/create_custom_loss`), rebuilt against an allowlist and "
+    "stored per session (`custom_loss_server_side` on; `TINKERD_CUSTOM_LOSS_SERVER_SIDE=0` "
+    "turns it off and the SDK runs it client-side)",
 )
 def _(c: Ctx, a: bool) -> None:
     def neg_ll(logprobs, weights):
@@ -210,7 +211,8 @@ def _(c: Ctx, a: bool) -> None:
 @entry(
     "ServiceClient.create_sampling_client",
     SUPPORTED,
-    "base model or `tinker://` path (`record_stability_info` is accepted and ignored)",
+    "base model or `tinker://` path; `record_stability_info` records each sampled sequence "
+    "for `stable_reinforce`",
     with_async=True,
 )
 def _(c: Ctx, a: bool) -> None:
@@ -323,8 +325,8 @@ def _(c: Ctx, a: bool) -> None:
 @entry(
     "TrainingClient.forward_backward",
     SUPPORTED,
-    "cross_entropy, importance_sampling, ppo, cispo, dro, gspo; "
-    "`stable_reinforce` and server-side `custom` answer 400 'not supported by tinkerd'",
+    "cross_entropy, importance_sampling, ppo, cispo, dro, gspo, stable_reinforce (datums "
+    "with provenance; see test_stable_reinforce.py)",
     with_async=True,
 )
 def _(c: Ctx, a: bool) -> None:
@@ -333,7 +335,7 @@ def _(c: Ctx, a: bool) -> None:
     assert out.metrics["loss:sum"] > 0 and len(out.loss_fn_outputs) == 1
     with pytest.raises(tinker.BadRequestError) as err:
         call(tc, "forward_backward", a, [rl_datum()], "stable_reinforce")
-    assert "stable_reinforce is not supported by tinkerd" in str(err.value)
+    assert "stable_reinforce needs provenance" in str(err.value)
 
 
 def rl_datum() -> types.Datum:
@@ -351,7 +353,8 @@ def rl_datum() -> types.Datum:
 @entry(
     "TrainingClient.forward_backward_custom",
     SUPPORTED,
-    "client-side: forward + cross_entropy with weights = -dLoss/dlogprobs; see test_custom_loss.py",
+    "server-side: one forward_backward of loss_fn `custom`, batched with other tenants "
+    "(client-side two-pass path when the switch is off); see test_custom_loss.py",
     with_async=True,
 )
 def _(c: Ctx, a: bool) -> None:
@@ -443,11 +446,13 @@ def _(c: Ctx, a: bool) -> None:
 @entry(
     "TrainingClient.save_weights_and_get_sampling_client",
     SUPPORTED,
-    "immutable snapshot (named or ephemeral; `kind` accepted)",
+    "`kind=snapshot`: frozen weights; `kind=inflight`: every inflight client of the run "
+    "follows its latest inflight save (see test_stable_reinforce.py)",
     with_async=True,
 )
 def _(c: Ctx, a: bool) -> None:
     assert_samples(call(c.tc, "save_weights_and_get_sampling_client", a))
+    assert_samples(call(c.tc, "save_weights_and_get_sampling_client", a, kind="inflight"))
 
 
 @entry(
@@ -538,7 +543,8 @@ def _(c: Ctx, a: bool) -> None:
     "SamplingClient.sample",
     SUPPORTED,
     "stop strings/ids, seeds, top-k/top-p, prompt/top-k/target logprobs, alt tokens; "
-    "`record_stability_info` ignored; results announced by `/retrieve_futures`, abandoned "
+    "`record_stability_info` records sequences; results announced by `/retrieve_futures`, "
+    "abandoned "
     "queued samples cancelled (`/cancel_future`)",
     with_async=True,
 )
@@ -763,19 +769,11 @@ def test_method_against_live_server(qualname: str, ctx: Ctx) -> None:
     ENTRIES[qualname].check(ctx)
 
 
-FLAG_ENDPOINTS = {"create_custom_loss": {"session_id": "x"}}
-
-
-@pytest.mark.parametrize("name", sorted(FLAG_ENDPOINTS))
-def test_flag_gated_endpoints_say_not_supported(name: str, server) -> None:
-    """The endpoints behind client-config flags tinkerd leaves off answer a clear 400."""
+def test_custom_loss_server_side_is_announced(server) -> None:
+    """Server-side custom losses are on by default (tests/e2e/test_custom_loss.py drives them
+    with the SDK, and with the switch off)."""
     config = httpx.post(f"{server.base_url}/api/v1/client/config", json={}).json()
-    assert not config.get("custom_loss_server_side")
-    r = httpx.post(
-        f"{server.base_url}/api/v1/{name}", json=FLAG_ENDPOINTS[name], headers={"X-API-Key": KEY}
-    )
-    assert r.status_code == 400
-    assert r.json()["detail"].startswith(f"{name} is not supported by tinkerd: ")
+    assert config["custom_loss_server_side"] is True
 
 
 SAMPLING_FLAGS = ("sample_use_retrieve_futures", "sample_join_sampling_session")
@@ -828,17 +826,34 @@ FEATURES = [
     ("losses `importance_sampling`, `ppo`, `cispo`, `dro`, `gspo`", SUPPORTED, ""),
     (
         "loss `stable_reinforce`",
-        NOT_SUPPORTED,
-        "400 'stable_reinforce is not supported by tinkerd': its math is not public (neither "
-        "the SDK nor the cookbook describes it) and it needs per-sequence stability data the "
-        "hosted sampler records (`record_stability_info`). Cookbook `rl_loop`, `math_rl` and "
-        "`rubric` default to it: pass `loss_fn=importance_sampling` (or ppo/cispo/gspo).",
+        SUPPORTED,
+        "tinkerd's own objective (hosted Tinker's math is unpublished): REINFORCE weighted by "
+        "the truncated ratio to the server-recorded behaviour logprobs, with token- and "
+        "sequence-level masking of drifted (stale) data; provenance checked against the "
+        "session's sequence records (README, 'stable_reinforce'). The cookbook's RL recipes "
+        "run at their defaults (tests/conformance/test_rl_defaults.py)",
+    ),
+    (
+        "`record_stability_info` (sequence records)",
+        SUPPORTED,
+        "prompt, sampled tokens, behaviour and temperature-1 logprobs, weights (run, optim "
+        "step) per sequence; session-scoped, one day after last use, survive restarts, "
+        "bounded by `TINKERD_STABILITY_RECORDS_MAX_MB` (least recently used deleted first)",
+    ),
+    (
+        'inflight sampling clients (`kind="inflight"`)',
+        SUPPORTED,
+        "one mutable target per training run, updated by each inflight save for existing and "
+        "new inflight clients; snapshot clients keep their weights",
     ),
     (
         "server-side custom losses (`custom`, `/create_custom_loss`)",
-        NOT_SUPPORTED,
-        "uploaded loss graphs are not executed; `custom_loss_server_side` stays off, so "
-        "`create_custom_loss` / `forward_backward_custom` run the loss on the client",
+        SUPPORTED,
+        "`custom_loss_server_side` on: the torch.fx graph (JSON, never pickled) is rebuilt "
+        "against an allowlist of torch/math/operator functions and tensor methods, sizes "
+        "checked on meta tensors before anything is allocated, stored per session (survives "
+        "restarts), and run in the same batched pass as other tenants (README, 'Server-side "
+        "custom losses'). `TINKERD_CUSTOM_LOSS_SERVER_SIDE=0` turns it off",
     ),
     (
         "`/retrieve_futures` (`sample_use_retrieve_futures`)",
@@ -862,6 +877,19 @@ FEATURES = [
         "flag on (`TINKERD_SAMPLE_JOIN_SAMPLING_SESSION=0`: unpickled clients pick random "
         "clone ids). Clone ids are stored, never handed out twice, and above every seq_id "
         "block the session has used",
+    ),
+    (
+        "OpenAI-compatible inference (`/oai/api/v1/chat/completions`, `/completions`, `/models`)",
+        SUPPORTED,
+        "`model`: base name, `tinker://` path or `<base>;<path>`; the model's chat template; "
+        "streaming (SSE, delivered when the sample completes), n, seed, stop, logprobs, usage; "
+        "same keys and isolation (Bearer or `x-api-key`); tests/e2e/test_inference_api.py",
+    ),
+    (
+        "Anthropic-compatible inference (`/anthropic/api/v1/messages`, `/count_tokens`)",
+        SUPPORTED,
+        "as OpenAI's: text content, system prompts, streaming events, stop sequences; tools "
+        "and images are refused with a 400",
     ),
     ("JWT auth (`pjwt_auth_enabled`)", NOT_SUPPORTED, "plain `tml-` API keys, one user per key"),
 ]

@@ -4,11 +4,15 @@ the statistics the benchmarks share compute what they say.
 This checks the benchmark's code paths, not speed: figures are only recorded from
 `tinkerd bench engine` on the real model (BENCHMARKS.md)."""
 
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tinkerd.bench.engine import EngineBenchConfig, run
 from tinkerd.bench.load import http_statuses, rss_figures
 from tinkerd.bench.stats import percentile, slope
+from tinkerd.model.cpu_features import TEST_SLOWDOWN_ENV, bf16_support
 
 KEYS = (
     "tinkerd_tokens_per_s",
@@ -21,10 +25,10 @@ KEYS = (
 )
 
 
-def test_engine_bench_reports_all_figures(tiny_model_dir: Path, tmp_path: Path) -> None:
-    cfg = EngineBenchConfig(
-        model=str(tiny_model_dir),
-        data_dir=tmp_path,
+def tiny_config(model_dir: Path, data_dir: Path, dtype: str | None = None) -> EngineBenchConfig:
+    return EngineBenchConfig(
+        model=str(model_dir),
+        data_dir=data_dir,
         batch=2,
         seq_len=16,
         rank=4,
@@ -33,10 +37,54 @@ def test_engine_bench_reports_all_figures(tiny_model_dir: Path, tmp_path: Path) 
         tenant_tokens=8,
         sample_prompts=2,
         sample_tokens=4,
+        dtype=dtype,
     )
-    results = run(cfg)
+
+
+@pytest.fixture
+def no_native_bf16(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The CPU reported without native bf16 (the documented test hook), on any machine."""
+    monkeypatch.setenv(TEST_SLOWDOWN_ENV, "450")
+    bf16_support.cache_clear()
+    yield
+    bf16_support.cache_clear()
+
+
+def test_engine_bench_reports_all_figures(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    results = run(tiny_config(tiny_model_dir, tmp_path))
     for key in KEYS:
         assert results[key] > 0, key
+    # The dtype is this machine's fast one, said first in the output and in the figures.
+    expected = "bfloat16" if bf16_support().native else "float32"
+    assert results["dtype"].startswith(f"{expected} weights")
+    assert capsys.readouterr().out.startswith(f"dtype: {expected} (")
+    assert results["dtype_reason"]
+
+
+def test_engine_bench_picks_float32_without_native_bf16(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    no_native_bf16: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    results = run(tiny_config(tiny_model_dir, tmp_path))
+    assert results["dtype"] == "float32 weights, no autocast"
+    assert "no native bf16" in results["dtype_reason"]
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("dtype: float32 (no native bf16 on this CPU: ")
+    assert "450.0x" in first
+
+
+def test_engine_bench_dtype_override(
+    tiny_model_dir: Path, tmp_path: Path, no_native_bf16: None
+) -> None:
+    """An explicit dtype wins over the machine's choice, with a warning in the figures."""
+    results = run(tiny_config(tiny_model_dir, tmp_path, dtype="bfloat16"))
+    assert results["dtype"] == "bfloat16 weights, bf16 autocast"
+    assert results["dtype_reason"].startswith("--dtype given; WARNING: no native bf16")
+    assert results["tinkerd_tokens_per_s"] > 0
 
 
 def test_percentile_and_slope() -> None:

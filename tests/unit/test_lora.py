@@ -8,6 +8,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from numerics import assert_close_scaled
 from torch import nn
 
 from tinkerd.model.loading import BaseModel, load_base_model
@@ -23,6 +24,9 @@ from tinkerd.model.optimizer import AdamParams
 from tinkerd.model.types import Datum, ForwardBackwardInput
 from tinkerd.model.worker import ModelWorker
 
+# For values (logprobs, logits) compared with a float32 reference: their error does not grow with
+# the batch. Gradients, whose error grows with the summed terms, use `assert_close_scaled`
+# against a float64 reference (see `longest_sum`).
 ATOL, RTOL = 1e-5, 1e-4
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -62,15 +66,18 @@ def make_setup(base: BaseModel) -> Setup:
     return Setup(worker, ref, dict(worker.lora.adapters), base.info.vocab_size)
 
 
-def peft_model_for(ref: nn.Module, adapter: Adapter, targets: list[str]) -> nn.Module:
-    """A PEFT LoRA model on a copy of `ref` with `adapter`'s A/B weights copied in."""
+def peft_model_for(
+    ref: nn.Module, adapter: Adapter, targets: list[str], dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """A PEFT LoRA model on a copy of `ref` with `adapter`'s A/B weights copied in, in `dtype`
+    (float64: an exact-enough reference for float32 gradients)."""
     cfg = peft.LoraConfig(
         r=adapter.config.rank,
         lora_alpha=adapter.config.alpha,
         target_modules=targets,
         lora_dropout=0.0,
     )
-    model = peft.get_peft_model(copy.deepcopy(ref), cfg)
+    model = peft.get_peft_model(copy.deepcopy(ref).to(dtype), cfg).to(dtype)
     with torch.no_grad():
         for name, value in adapter.params.items():
             peft_param(model, name).copy_(value)
@@ -99,10 +106,20 @@ def make_rows(vocab: int, seed: int = 0) -> list[Datum]:
 
 
 def ref_logprobs(model: nn.Module, datum: Datum) -> torch.Tensor:
-    """Target log-probs of one unpadded row through a plain HF/PEFT model."""
-    logits = model(input_ids=torch.tensor([datum.tokens])).logits[0].float()
+    """Target log-probs of one unpadded row through a plain HF/PEFT model (float32 at least,
+    float64 for a float64 model)."""
+    logits = model(input_ids=torch.tensor([datum.tokens])).logits[0]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     targets = datum.loss_fn_inputs["target_tokens"]
     return torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0]
+
+
+def longest_sum(vocab: int, tokens: int) -> int:
+    """The longest sum that feeds one logprob or one adapter-gradient element, the `terms` of
+    `assert_close_scaled`: the vocabulary (log-softmax, and the unembedding's backward) or the
+    tokens (attention over a row; a weight gradient sums over all of its adapter's tokens),
+    whichever is larger. The hidden and MLP widths of the tiny model are smaller than both."""
+    return max(vocab, tokens)
 
 
 def mixed_inputs(data: list[Datum], zero: str | None = None) -> list[ForwardBackwardInput]:
@@ -177,28 +194,37 @@ def test_long_batch_across_unembedding_chunks_matches_peft(setup: Setup) -> None
         datum = Datum(torch.randint(0, 256, (n,), generator=gen).tolist(), inputs)
         items.append(ForwardBackwardInput(aid, [datum]))
     outs = setup.worker.forward_backward(items)
+    f64 = torch.float64
     for aid in ["a", "b", "c", None]:
         model = (
-            setup.ref
+            copy.deepcopy(setup.ref).to(f64)
             if aid is None
-            else peft_model_for(setup.ref, setup.adapters[aid], ALL_TARGETS)
+            else peft_model_for(setup.ref, setup.adapters[aid], ALL_TARGETS, f64)
         )
-        loss = torch.zeros(())
+        loss = torch.zeros((), dtype=f64)
+        tokens = 0
         for item, out in zip(items, outs, strict=True):
             if item.adapter_id != aid:
                 continue
             datum = item.data[0]
             lp = ref_logprobs(model, datum)
-            torch.testing.assert_close(
-                out.loss_fn_outputs[0]["logprobs"], lp.detach(), atol=ATOL, rtol=RTOL
+            assert_close_scaled(
+                out.loss_fn_outputs[0]["logprobs"],
+                lp.detach(),
+                terms=longest_sum(setup.vocab, len(datum.tokens)),
+                msg=f"logprobs of {aid}",
             )
             loss = loss - (lp * datum.loss_fn_inputs["weights"]).sum()
+            tokens += len(datum.tokens)
         if aid is None:
             continue
         loss.backward()
         for name, param in setup.adapters[aid].params.items():
             expected = peft_param(model, name).grad
-            torch.testing.assert_close(param.grad, expected, atol=ATOL, rtol=RTOL, msg=name)
+            assert param.grad is not None and expected.abs().max() > 0, name
+            assert_close_scaled(
+                param.grad, expected, terms=longest_sum(setup.vocab, tokens), msg=name
+            )
 
 
 def test_mixed_batch_gradients_match_peft(setup: Setup) -> None:
@@ -207,11 +233,13 @@ def test_mixed_batch_gradients_match_peft(setup: Setup) -> None:
     data = make_rows(setup.vocab, seed=1)
     outs = setup.worker.forward_backward(mixed_inputs(data))
     for aid in SPECS:
-        model = peft_model_for(setup.ref, setup.adapters[aid], ALL_TARGETS)
-        loss = torch.zeros(())
+        model = peft_model_for(setup.ref, setup.adapters[aid], ALL_TARGETS, torch.float64)
+        loss = torch.zeros((), dtype=torch.float64)
+        tokens = 0
         for row_aid, datum in zip(ROW_ADAPTERS, data, strict=True):
             if row_aid == aid:
                 loss = loss - (ref_logprobs(model, datum) * datum.loss_fn_inputs["weights"]).sum()
+                tokens += len(datum.tokens)
         loss.backward()
         got_loss = sum(
             o.metrics["loss:sum"] for o, r in zip(outs, ROW_ADAPTERS, strict=True) if r == aid
@@ -221,7 +249,9 @@ def test_mixed_batch_gradients_match_peft(setup: Setup) -> None:
             expected = peft_param(model, name).grad
             assert param.grad is not None, name
             assert expected.abs().max() > 0, name
-            torch.testing.assert_close(param.grad, expected, atol=ATOL, rtol=RTOL, msg=name)
+            assert_close_scaled(
+                param.grad, expected, terms=longest_sum(setup.vocab, tokens), msg=name
+            )
 
 
 def test_gradients_never_cross_adapters(setup: Setup) -> None:
@@ -424,5 +454,6 @@ def test_uniform_segments_use_batched_path_and_match_one_at_a_time(tiny_base: Ba
             atol=ATOL,
             rtol=RTOL,
         )
+        terms = longest_sum(tiny_base.info.vocab_size, len(item.data[0].tokens))
         for k, p in worker.lora.adapters[aid].params.items():
-            torch.testing.assert_close(mixed_grads[aid][k], p.grad, atol=ATOL, rtol=RTOL)
+            assert_close_scaled(mixed_grads[aid][k], p.grad, terms=terms, msg=k)

@@ -16,7 +16,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from tinkerd.api import anthropic_compat, openai_compat
 from tinkerd.api.body_limit import BodySizeLimit
+from tinkerd.api.custom_losses import CustomLosses
 from tinkerd.api.futures import FutureHub
 from tinkerd.api.recovery import start_recovery
 from tinkerd.api.routes import router, skip_rejected_seq, validation_detail
@@ -102,7 +104,14 @@ def create_app(settings: Settings) -> FastAPI:
         schedulers = build_schedulers(settings)
         hub = FutureHub()
         hub.bind(asyncio.get_running_loop())
-        service = Service(store, schedulers, checkpoint_root, hub)
+        service = Service(
+            store,
+            schedulers,
+            checkpoint_root,
+            hub,
+            stability_max_bytes=int(settings.stability_records_max_mb * 2**20),
+            custom_losses=CustomLosses(store, enabled=settings.custom_loss_server_side),
+        )
         start_recovery(service)
         for scheduler in schedulers.values():
             scheduler.start()
@@ -112,9 +121,13 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.sample_use_retrieve_futures = settings.sample_use_retrieve_futures
         app.state.sample_join_sampling_session = settings.sample_join_sampling_session
         app.state.sample_cancel_enabled = settings.sample_cancel_enabled
+        app.state.custom_loss_server_side = settings.custom_loss_server_side
         idle = settings.idle_release_seconds
         sweepers = [
             asyncio.create_task(every(60.0, "expired checkpoints deleted", service.sweep_expired)),
+            asyncio.create_task(
+                every(60.0, "sequence records deleted", service.sweep_stability_records)
+            ),
             asyncio.create_task(
                 every(
                     min(60.0, idle / 2),
@@ -133,6 +146,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="tinkerd", version="0.1.0", lifespan=lifespan)
     app.include_router(router)
+    app.include_router(openai_compat.router)  # OpenAI-/Anthropic-compatible inference
+    app.include_router(anthropic_compat.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
 
     @app.exception_handler(ApiError)

@@ -133,6 +133,17 @@ class Authenticator:
         return registered_user(rec.name)
 
 
+def bearer_key(authorization: str | None) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header, else None. OpenAI-style clients
+    (and Claude Code with ANTHROPIC_AUTH_TOKEN) send their key this way, not as X-API-Key."""
+    if not authorization:
+        return None
+    scheme, _, key = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return key.strip() or None
+
+
 def authenticator(state: Any) -> Authenticator:
     """The app's Authenticator, made on first use from the service's store (`state` is
     `app.state`)."""

@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError
 
 from tinkerd.api import proto
 from tinkerd.model.sampling import MAX_OUTPUT_CELLS
-from tinkerd.model.types import Datum, ForwardBackwardOutput, SampleOutput
+from tinkerd.model.types import Datum, ForwardBackwardOutput, ProvenanceSpan, SampleOutput
 
 # A forward_backward body is a few MB at most (the SDK chunks at ~5 MB); this caps a zstd/gzip
 # bomb without getting in the way of real requests.
@@ -221,7 +221,40 @@ def _datum_from_proto(msg: Any, index: int) -> Datum:
         key: _tensor_from_proto(tensor, key, f"data[{index}].loss_fn_inputs[{key!r}]")
         for key, tensor in msg.loss_fn_inputs.items()
     }
-    return Datum(tokens=tokens, loss_fn_inputs=inputs)
+    input_spans = _spans(msg.model_input_spans, f"data[{index}].model_input_spans")
+    target_spans = _spans(msg.loss_fn_input_spans, f"data[{index}].loss_fn_input_spans")
+    if (input_spans is None) != (target_spans is None):
+        raise CodecError(
+            f"data[{index}]: provenance comes as a pair: model_input_spans and "
+            "loss_fn_input_spans are both set or both empty"
+        )
+    return Datum(tokens, inputs, input_spans, target_spans)
+
+
+# Spans per datum field: far above any real datum (one span per turn and sequence).
+MAX_SPANS = 1 << 16
+
+
+def _spans(msgs: Any, what: str) -> list[ProvenanceSpan] | None:
+    """Provenance spans of one datum field (None when the field has none)."""
+    if not msgs:
+        return None
+    if len(msgs) > MAX_SPANS:
+        raise CodecError(f"{what} has {len(msgs)} spans; at most {MAX_SPANS}")
+    spans = []
+    for k, msg in enumerate(msgs):
+        arm = msg.WhichOneof("span")
+        if arm is None:
+            raise CodecError(f"{what}[{k}] is neither prompt_tokens nor sampled_tokens")
+        span = getattr(msg, arm)
+        if not span.sequence_id:
+            raise CodecError(f"{what}[{k}].sequence_id is empty")
+        if span.offset < 0 or span.length < 0:
+            raise CodecError(f"{what}[{k}]: offset and length must be >= 0")
+        spans.append(
+            ProvenanceSpan(span.sequence_id, span.offset, span.length, arm == "sampled_tokens")
+        )
+    return spans
 
 
 def parse_forward_backward(body: bytes, content_encoding: str | None = None) -> Any:

@@ -117,6 +117,7 @@ def client_config(request: Request) -> dict[str, Any]:
         "pjwt_auth_enabled": False,
         "sample_use_retrieve_futures": state.sample_use_retrieve_futures,
         "sample_join_sampling_session": state.sample_join_sampling_session,
+        "custom_loss_server_side": state.custom_loss_server_side,
     }
     chunk = state.fwdbwd_max_chunk_len
     if chunk:
@@ -581,25 +582,14 @@ def export_session_trace(session_id: str, user: User) -> JSONResponse:
     return _not_available("session trace export")
 
 
-# -- optional endpoints behind client-config flags tinkerd leaves off ------------------------
-# The SDK calls these only when /client/config (`custom_loss_server_side`) turns them on, and
-# tinkerd never does; a client that calls them anyway gets a clear 400 (not a bare one, which
-# the SDK would retry).
-
-_NOT_SUPPORTED: dict[str, str] = {
-    "create_custom_loss": (
-        "uploaded loss graphs are not executed on the server (custom_loss_server_side=false); "
-        "the SDK runs create_custom_loss losses on the client"
-    ),
-}
-
-
-def _not_supported(name: str) -> JSONResponse:
-    return JSONResponse(
-        {"detail": f"{name} is not supported by tinkerd: {_NOT_SUPPORTED[name]}"}, status_code=400
-    )
+# -- server-side custom losses (behind the client-config flag `custom_loss_server_side`) -------
 
 
 @router.post("/create_custom_loss")
-def create_custom_loss(user: User) -> JSONResponse:
-    return _not_supported("create_custom_loss")
+def create_custom_loss(
+    request_body: schemas.CreateCustomLossRequest, user: User, svc: Svc
+) -> dict[str, Any]:
+    """Check and store a traced loss (tinkerd/model/custom_loss.py); the future's result is
+    `{"loss_id"}` for `forward_backward(data, "custom", {"loss_id": ...})` in this session.
+    404 when TINKERD_CUSTOM_LOSS_SERVER_SIDE is off."""
+    return svc.custom_losses.create(user, request_body.model_dump(mode="json")).json()

@@ -766,3 +766,36 @@ __all__ = [
     "WeightsInfoRequest",
     "WeightsInfoResponse",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# Server-side custom losses (tinkerd/model/custom_loss.py checks the graph itself)
+
+
+class CustomLossInput(RequestModel):
+    name: Annotated[str, Strict(), Field(min_length=1, max_length=64)]
+    rank: Literal[0, 1, 2]
+
+
+class CustomLossNode(RequestModel):
+    """One torch.fx node as the SDK encodes it; its args are checked when the graph is
+    rebuilt, against the server's allowlist."""
+
+    op: Literal["placeholder", "get_attr", "call_function", "call_method", "call_module", "output"]
+    name: Annotated[str, Strict(), Field(min_length=1, max_length=128)]
+    target: Annotated[str, Strict(), Field(max_length=256)]
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class CustomLossGraph(RequestModel):
+    format: Literal[1] = 1
+    nodes: Annotated[list[CustomLossNode], Field(min_length=1, max_length=1024)]
+
+
+class CreateCustomLossRequest(RequestModel):
+    session_id: NonEmptyStr
+    custom_loss_seq_id: SeqId
+    name: Annotated[str, Strict(), Field(min_length=1, max_length=128)]
+    inputs: Annotated[list[CustomLossInput], Field(min_length=1, max_length=16)]
+    graph: CustomLossGraph

@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from tinkerd.api import codec
+from tinkerd.api import codec, stability
 from tinkerd.api.futures import FutureHub, completion_queue_key
 from tinkerd.checkpoints import downloads
 from tinkerd.checkpoints.paths import TinkerPath
@@ -49,12 +49,13 @@ from tinkerd.model.losses import LossInputError
 from tinkerd.model.optimizer import AdamParams, OptimStepResult
 from tinkerd.model.sampling import validate_sample_input
 from tinkerd.model.training import validate_input
-from tinkerd.model.types import ForwardBackwardInput, SampleInput, SamplingParams
+from tinkerd.model.types import ForwardBackwardInput, SampleInput, SampleOutput, SamplingParams
 from tinkerd.store.records import (
     CheckpointRecord,
     FutureRecord,
     SamplingSessionRecord,
     SessionRecord,
+    StabilityRecord,
     TrainingRunRecord,
 )
 from tinkerd.store.store import Store
@@ -110,11 +111,23 @@ class Service:
         schedulers: dict[str, ModelScheduler],
         checkpoint_root: Path,
         hub: FutureHub,
+        *,
+        stability_max_bytes: int = 1 << 30,
+        custom_losses: Any = None,
     ) -> None:
         self.store = store
+        if custom_losses is None:  # imported here: custom_losses.py imports this module
+            from tinkerd.api.custom_losses import CustomLosses
+
+            custom_losses = CustomLosses(store)
+        self.custom_losses = custom_losses
         self.schedulers = schedulers
         self.checkpoint_root = checkpoint_root
         self.hub = hub
+        # Sequence records (record_stability_info): at most this many bytes on disk; an
+        # estimate of the total (None: not read yet) triggers a sweep when it passes the bound.
+        self.stability_max_bytes = stability_max_bytes
+        self._stability_bytes: int | None = None
         self._bookkeeping = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bookkeeping")
         self._download_secret: bytes | None = None
 
@@ -396,8 +409,15 @@ class Service:
                 item = ForwardBackwardInput(
                     req.model_id, req.data, req.loss_fn, dict(req.loss_fn_config), req.forward_only
                 )
+                if req.loss_fn == "custom":  # an uploaded loss of this run's session
+                    loss_id = req.loss_fn_config_text.get("loss_id")
+                    item.custom_loss = self.custom_losses.resolve(user, run.session_id, loss_id)
+                if item.loss_fn == "stable_reinforce":
+                    item.data = stability.attach_stability_inputs(
+                        self.store, item.data, run.session_id, user, run.model_id
+                    )
                 validate_input(item, info.vocab_size, info.context_length)
-            except (codec.CodecError, LossInputError) as exc:
+            except (codec.CodecError, LossInputError, stability.ProvenanceError) as exc:
                 raise ApiError(400, str(exc)) from exc
             _check_fits_memory(item, scheduler.token_budget)
 
@@ -550,6 +570,13 @@ class Service:
         if n is None:
             raise ApiError(400, "either path or sampling_session_seq_id is required")
         sampler_id = f"{run.session_id}:sample:{int(n)}"
+        kind = body.get("kind") or "snapshot"
+        if kind not in ("snapshot", "inflight"):
+            raise ApiError(400, f"kind must be 'snapshot' or 'inflight', got {kind!r}")
+        # An inflight save updates the run's one inflight target, which all its inflight
+        # clients (earlier ones too) sample; a snapshot freezes weights for this client only.
+        inflight = kind == "inflight"
+        snapshot_id = inflight_adapter_id(model_id) if inflight else sampler_id
 
         def encode(_: object) -> tuple[bytes, str]:
             result = {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
@@ -563,6 +590,7 @@ class Service:
                     base_model=run.base_model,
                     model_path=None,
                     snapshot_of=model_id,
+                    inflight=inflight,
                 )
             )
             return _json(result)
@@ -572,7 +600,7 @@ class Service:
             "save_weights_for_sampler",
             body,
             scheduler,
-            lambda rid: self._op(rid, SnapshotAdapter(sampler_id), encode, model_id, seq_id),
+            lambda rid: self._op(rid, SnapshotAdapter(snapshot_id), encode, model_id, seq_id),
             model_id=model_id,
             seq_id=seq_id,
         )
@@ -693,7 +721,16 @@ class Service:
             adapter_id, snapshot_dir = str(tpath), tpath.storage_dir(self.checkpoint_root)
             base_model = base_model or read_adapter_info(snapshot_dir).base_model
         elif sampler is not None and sampler.snapshot_of:
-            adapter_id = sampler.sampling_session_id
+            adapter_id = (
+                inflight_adapter_id(sampler.snapshot_of)
+                if sampler.inflight
+                else sampler.sampling_session_id
+            )
+        record = bool(body.get("record_stability_info") or False)
+        if record and sampler is None:
+            raise ApiError(
+                400, "record_stability_info needs a sampling_session_id (records are per session)"
+            )
         scheduler = self.scheduler(base_model)
         try:
             target, target_layout = None, None
@@ -715,21 +752,39 @@ class Service:
                 target_prompt_logprobs=target,
                 prompt_alt_tokens_k=int(body.get("prompt_alt_tokens_k") or 0),
                 prompt_logprobs_last_n=int(last_n) if last_n is not None else None,
+                record_stability=record,
             )
             info = scheduler.worker.info
             validate_sample_input(item, info.vocab_size, info.context_length)
         except (codec.CodecError, ValueError, TypeError) as exc:
             raise ApiError(400, str(exc)) from exc
 
-        def encode(result: object) -> tuple[bytes, str]:
-            data = codec.encode_sample_response(
-                result,  # type: ignore[arg-type]
-                prompt_logprobs_requested=item.prompt_logprobs,
-                topk_prompt_k=item.topk_prompt_logprobs,
-                topk_sample_k=item.topk_sample_logprobs,
-                target_layout=target_layout,
-            )
-            return data, "proto"
+        def encode_for(request_id: str) -> Callable[[object], tuple[bytes, str]]:
+            def encode(result: object) -> tuple[bytes, str]:
+                assert isinstance(result, SampleOutput)
+                if record and sampler is not None:
+                    weights_run = sampler.snapshot_of or (str(model_path) if model_path else None)
+                    self._record_stability(
+                        stability.make_record(
+                            request_id,
+                            sampler.session_id,
+                            user,
+                            sampler.base_model,
+                            weights_run,
+                            item.prompt,
+                            result,
+                        )
+                    )
+                data = codec.encode_sample_response(
+                    result,
+                    prompt_logprobs_requested=item.prompt_logprobs,
+                    topk_prompt_k=item.topk_prompt_logprobs,
+                    topk_sample_k=item.topk_sample_logprobs,
+                    target_layout=target_layout,
+                )
+                return data, "proto"
+
+            return encode
 
         seq_id = body.get("seq_id")
         # A sample of a sampling session with a seq_id joins the session's completion queue
@@ -740,12 +795,30 @@ class Service:
             "sample",
             body,
             scheduler,
-            lambda rid: self._op(rid, Sample(item, snapshot_dir), encode, queue=queue),
+            lambda rid: self._op(rid, Sample(item, snapshot_dir), encode_for(rid), queue=queue),
             model_id=queue,
             seq_id=int(seq_id) if seq_id is not None else None,
         )
         ids = [f"{rec.request_id}:{i}" for i in range(item.num_samples)]
         return Future(rec.request_id, sample_sequence_ids=ids)
+
+    def _record_stability(self, rec: StabilityRecord) -> None:
+        """Store a sample's sequence record before its result is visible (so a training
+        request that names its sequences finds it); sweep when past the disk bound."""
+        if not self.store.add_stability_record(rec):
+            return
+        if self._stability_bytes is None:
+            self._stability_bytes = self.store.stability_bytes()
+        else:
+            self._stability_bytes += rec.size_bytes
+        if self._stability_bytes > self.stability_max_bytes:
+            self.sweep_stability_records()
+
+    def sweep_stability_records(self) -> int:
+        """Expired sequence records out, then the least recently used past the bound."""
+        gone = stability.sweep(self.store, self.stability_max_bytes)
+        self._stability_bytes = self.store.stability_bytes()
+        return gone
 
     # -- sampling clients: completion queues, clone ids, cancellation --------------------
 
@@ -1019,6 +1092,11 @@ class Service:
                 scheduler.release(idle)
                 asked += len(idle)
         return asked
+
+
+def inflight_adapter_id(model_id: str) -> str:
+    """The one mutable sampler target that every inflight client of a run samples."""
+    return f"{model_id}:inflight"
 
 
 def _check_fits_memory(item: ForwardBackwardInput, token_budget: int) -> None:

@@ -4,9 +4,11 @@
    through the official SDK and a `tinkerd serve` process, vs `ModelWorker` called directly.
 2. Latency: round trips of a one-datum forward_backward + optim_step on a tiny model
    (p50/p99), where compute is negligible and the protocol is what is measured.
+Both sides run in the dtype this machine runs fast (bench/dtype.py) unless `--dtype` says.
 The last line printed is one JSON object with every figure.
 """
 
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from tinkerd.bench.dtype import choose_dtype
 from tinkerd.bench.server import serve
 from tinkerd.bench.stats import best_of, percentile
 from tinkerd.constants import EMBEDDED_MODEL
@@ -31,6 +34,7 @@ class ApiBenchConfig:
     rank: int = 32
     steps: int = 3
     latency_rounds: int = 200
+    dtype: str | None = None  # None: bfloat16 with native bf16, else float32 (bench/dtype.py)
 
 
 def sft_data(vocab: int, batch: int, seq_len: int) -> list[list[int]]:
@@ -46,8 +50,9 @@ def bench_inprocess(cfg: ApiBenchConfig, seqs: list[list[int]]) -> float:
     from tinkerd.model.types import Datum, ForwardBackwardInput
     from tinkerd.model.worker import ModelWorker
 
-    base = load_base_model(cfg.model, data_dir=cfg.data_dir, dtype="bfloat16")
-    worker = ModelWorker(base, autocast_dtype=torch.bfloat16)
+    dtype = cfg.dtype or "bfloat16"
+    base = load_base_model(cfg.model, data_dir=cfg.data_dir, dtype=dtype)
+    worker = ModelWorker(base, autocast_dtype=torch.bfloat16 if dtype == "bfloat16" else None)
     worker.add_adapter("bench", LoraConfig(rank=cfg.rank, seed=0))
     data = [
         Datum(s[:-1], {"target_tokens": torch.tensor(s[1:]), "weights": torch.ones(cfg.seq_len)})
@@ -115,13 +120,18 @@ def run(cfg: ApiBenchConfig) -> dict:
 
     os.environ.setdefault("TINKER_TELEMETRY", "0")
     torch.set_num_threads(cfg.threads)
+    choice = choose_dtype(cfg.dtype)
+    cfg = dataclasses.replace(cfg, dtype=choice.dtype)
+    print(choice.header(), flush=True)
     vocab = load_base_model(cfg.model, data_dir=cfg.data_dir).info.vocab_size
     seqs = sft_data(vocab, cfg.batch, cfg.seq_len)
     tokens = cfg.batch * cfg.seq_len
     print(f"in-process: {cfg.batch}x{cfg.seq_len}, LoRA r{cfg.rank}", flush=True)
     t_local = bench_inprocess(cfg, seqs)
     print("through the SDK and `tinkerd serve`", flush=True)
-    with serve(cfg.model, cfg.data_dir, threads=cfg.threads, dtype="bfloat16") as srv:
+    with serve(
+        cfg.model, cfg.data_dir, threads=cfg.threads, dtype=choice.dtype, env=choice.serve_env()
+    ) as srv:
         t_sdk = bench_sdk(cfg, srv.url, seqs)
     print(f"latency: {cfg.latency_rounds} one-datum round trips on a tiny model", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,6 +142,8 @@ def run(cfg: ApiBenchConfig) -> dict:
         "model": cfg.model,
         "threads": cfg.threads,
         "batch": f"{cfg.batch}x{cfg.seq_len}",
+        "dtype": choice.dtype,
+        "dtype_reason": choice.reason,
         "sdk_tokens_per_s": round(tokens / t_sdk, 1),
         "inprocess_tokens_per_s": round(tokens / t_local, 1),
         "ratio_vs_inprocess": round(t_local / t_sdk, 3),

@@ -10,12 +10,14 @@ The last line printed is one JSON object with every figure.
 """
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from tinkerd.bench.dtype import choose_dtype
 from tinkerd.bench.stats import best_of
 from tinkerd.constants import EMBEDDED_MODEL
 from tinkerd.model.loading import DTYPES, load_base_model
@@ -40,7 +42,11 @@ class EngineBenchConfig:
     sample_prompts: int = 8
     sample_tokens: int = 64
     random_weights: bool = False
-    dtype: str = "bfloat16"  # storage dtype of the base weights, on both sides
+    # Storage dtype of the base weights, on both sides; None: what the machine runs fast
+    # (bench/dtype.py: bfloat16 on CUDA and on CPUs with native bf16, else float32).
+    dtype: str | None = None
+    # bf16 autocast of the math on both sides; None: with bfloat16 weights only.
+    autocast: bool | None = None
 
 
 def _sync(device: str) -> None:
@@ -54,8 +60,8 @@ def timed(fn: Callable[[], object], repeats: int, device: str) -> float:
 
 
 @contextlib.contextmanager
-def bf16_autocast(device: str) -> Iterator[None]:
-    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+def bf16_autocast(device: str, enabled: bool = True) -> Iterator[None]:
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled):
         yield
 
 
@@ -104,7 +110,7 @@ def bench_training(cfg: EngineBenchConfig, worker: ModelWorker, seqs: torch.Tens
     ids = seqs.to(cfg.device)
 
     def peft_step() -> None:
-        with bf16_autocast(cfg.device):
+        with bf16_autocast(cfg.device, enabled=bool(cfg.autocast)):
             loss = peft_model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
         loss.backward()
         opt.step()
@@ -246,11 +252,15 @@ def random_weights_copy(model_dir: Path, target: Path) -> Path:
 def run(cfg: EngineBenchConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(0)
+    choice = choose_dtype(cfg.dtype, cfg.device)
+    autocast = choice.autocast if cfg.autocast is None else cfg.autocast
+    cfg = dataclasses.replace(cfg, dtype=choice.dtype, autocast=autocast)
+    print(choice.header(), flush=True)
     model = cfg.model
     if cfg.random_weights:
         model = str(random_weights_copy(Path(cfg.model), cfg.data_dir / "random-weights-model"))
     base = load_base_model(model, data_dir=cfg.data_dir, device=cfg.device, dtype=cfg.dtype)
-    worker = ModelWorker(base, autocast_dtype=torch.bfloat16)
+    worker = ModelWorker(base, autocast_dtype=torch.bfloat16 if autocast else None)
     gen = torch.Generator().manual_seed(0)
     seqs = random_batch(gen, cfg.batch, cfg.seq_len, base.info.vocab_size)
     results: dict = {
@@ -259,7 +269,8 @@ def run(cfg: EngineBenchConfig) -> dict:
         if cfg.device == "cpu"
         else torch.cuda.get_device_name(torch.device(cfg.device)),
         "threads": cfg.threads,
-        "dtype": f"{cfg.dtype} weights, bf16 autocast",
+        "dtype": f"{cfg.dtype} weights, {'bf16 autocast' if autocast else 'no autocast'}",
+        "dtype_reason": choice.reason,
         "batch": f"{cfg.batch}x{cfg.seq_len}",
         "lora_rank": cfg.rank,
         "weights": "random init (same architecture)" if cfg.random_weights else "real",

@@ -15,6 +15,7 @@ Pass/fail: any failed request, any 4xx/5xx in the server's access log (the SDK r
 those silently), or a server RSS growing more than `max_rss_growth_pct` after warm-up. Warm-up
 ends after `warmup_fraction` of the load and once the server's bounded cache of sampler snapshots
 is full, whichever is later: filling that cache grows RSS by design.
+The server runs in the dtype this machine runs fast (bench/dtype.py) unless `--dtype` says.
 The last line printed is one JSON object with every figure.
 """
 
@@ -34,6 +35,7 @@ from typing import TypeVar
 
 import psutil
 
+from tinkerd.bench.dtype import choose_dtype
 from tinkerd.bench.server import ServerProcess, serve
 from tinkerd.bench.stats import percentile, slope
 
@@ -62,7 +64,7 @@ class LoadBenchConfig:
     clients: int = 16
     train_fraction: float = 0.5  # share of the clients that are train-heavy
     threads: int = 1  # the server's torch threads (TINKERD_THREADS)
-    dtype: str = "float32"
+    dtype: str | None = None  # None: bfloat16 with native bf16, else float32 (bench/dtype.py)
     rank: int = 8
     warmup_fraction: float = 0.25  # RSS is judged after this share of the load (see warmup_seconds)
     max_rss_growth_pct: float = 5.0
@@ -391,12 +393,19 @@ def run(cfg: LoadBenchConfig) -> dict:
     from tinkerd.model.tiny import build_tiny_model
 
     os.environ.setdefault("TINKER_TELEMETRY", "0")
+    choice = choose_dtype(cfg.dtype)
+    print(choice.header(), flush=True)
     with tempfile.TemporaryDirectory(prefix="tinkerd-load-") as tmp:
         work = Path(tmp)
         model = cfg.model or str(build_tiny_model(work / "tiny-model"))
         log_path = work / "server.log"
         with serve(
-            model, work / "data", threads=cfg.threads, dtype=cfg.dtype, log_path=log_path
+            model,
+            work / "data",
+            threads=cfg.threads,
+            dtype=choice.dtype,
+            log_path=log_path,
+            env=choice.serve_env(),
         ) as srv:
             solo: dict[str, dict] = {}
             if cfg.baseline_seconds > 0:
@@ -424,6 +433,7 @@ def run(cfg: LoadBenchConfig) -> dict:
             with sampler.running():
                 rec, wall = run_phase(srv.url, model, cfg, roles, cfg.seconds)
             results = _results(cfg, srv, rec, wall, solo, sampler, log_offset)
+    results["dtype"], results["dtype_reason"] = choice.dtype, choice.reason
     results["server_exit_code"] = code = srv.proc.returncode
     if code != 0:
         results["problems"].append(f"the server exited with status {code} on SIGTERM")

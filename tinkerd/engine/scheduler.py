@@ -16,6 +16,7 @@ creation or load and every `state_every` optim steps (engine/run_state.py). A ru
 is not in memory (released when idle, or after a restart) comes back from there on its next op.
 """
 
+import dataclasses
 import logging
 import threading
 from collections import deque
@@ -35,6 +36,7 @@ from tinkerd.engine.ops import (
     UserError,
 )
 from tinkerd.engine.run_state import RunStates
+from tinkerd.model.metrics import reduce_metrics
 from tinkerd.model.types import ForwardBackwardInput, ForwardBackwardOutput
 from tinkerd.model.worker import ModelWorker, UnknownAdapterError
 
@@ -273,15 +275,7 @@ class ModelScheduler:
         inputs = []
         for s in batch:
             full: ForwardBackwardInput = s.op.action.input  # type: ignore[union-attr]
-            inputs.append(
-                ForwardBackwardInput(
-                    full.adapter_id,
-                    full.data[s.start : s.end],
-                    full.loss_fn,
-                    full.loss_fn_config,
-                    full.forward_only,
-                )
-            )
+            inputs.append(dataclasses.replace(full, data=full.data[s.start : s.end]))
         try:
             outputs = self.worker.forward_backward(inputs)
         except Exception as exc:
@@ -305,7 +299,7 @@ class ModelScheduler:
             s.op.done(
                 ForwardBackwardOutput(
                     loss_fn_outputs=[o for p in parts for o in p.loss_fn_outputs],
-                    metrics={"loss:sum": sum(p.metrics["loss:sum"] for p in parts)},
+                    metrics=reduce_metrics((p.metrics, len(p.loss_fn_outputs)) for p in parts),
                 )
             )
 
@@ -429,6 +423,8 @@ class ModelScheduler:
         """Keep at most `max_snapshots` sampler snapshots, of at most `snapshot_memory_bytes`
         together, in memory: the oldest are dropped (saved ones reload from disk on their next
         use; an ephemeral one answers "no longer available")."""
+        # A snapshot taken again under the same id (an inflight target) moves to the back.
+        self._snapshots = deque((i, n) for i, n in self._snapshots if i != snapshot_id)
         self._snapshots.append((snapshot_id, self.worker.adapter_bytes(snapshot_id)))
         total = sum(size for _, size in self._snapshots)
         while len(self._snapshots) > 1 and (

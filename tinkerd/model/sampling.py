@@ -60,6 +60,9 @@ class _Row:
     logprobs: list[float] = field(default_factory=list)
     topk_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     stop_reason: str | None = None
+    record_stability: bool = False
+    behaviour_logprobs: list[float] = field(default_factory=list)
+    base_logprobs: list[float] = field(default_factory=list)
 
 
 def row_seed(seed: int | None, sample_index: int) -> int:
@@ -193,8 +196,8 @@ def choose_token(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
 ) -> tuple[int, float]:
     """Draw one token from float32 `logits` (V,). Returns (token, logprob)."""
-    token, logprob, _ = choose_token_topk(logits, params, generator, 0)
-    return token, logprob
+    choice = choose_token_topk(logits, params, generator, 0)
+    return choice.token, choice.logprob
 
 
 def sampling_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -208,16 +211,27 @@ def _topk_list(logp: torch.Tensor, k: int) -> list[tuple[int, float]]:
     return list(zip(idx.tolist(), values.tolist(), strict=True))
 
 
+@dataclass
+class Choice:
+    """A drawn token and what is reported about it (see `SampledSequence`)."""
+
+    token: int
+    logprob: float  # under softmax(logits / T), before truncation (Tinker's sampled logprob)
+    topk: list[tuple[int, float]] | None
+    behaviour_logprob: float  # under the distribution actually drawn from
+    base_logprob: float  # under softmax(logits), temperature 1, untruncated
+
+
 def choose_token_topk(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, k: int
-) -> tuple[int, float, list[tuple[int, float]] | None]:
+) -> Choice:
     """`choose_token`, plus the top `k` (id, logprob) of the distribution the logprob is
-    taken from (None when k == 0)."""
+    taken from (None when k == 0) and the token's behaviour and temperature-1 logprobs."""
     logp = sampling_logprobs(logits, params.temperature)
     topk = _topk_list(logp, k) if k > 0 else None
     if params.temperature == 0:
         token = int(torch.argmax(logits))
-        return token, float(logp[token]), topk
+        return Choice(token, float(logp[token]), topk, 0.0, float(logp[token]))
     filtered = logp
     if 0 < params.top_k < logp.shape[0]:
         kth = torch.topk(logp, params.top_k).values[-1]
@@ -231,7 +245,9 @@ def choose_token_topk(
         filtered = filtered.scatter(0, order[drop], float("-inf"))
     probs = torch.softmax(filtered, -1)
     token = int(torch.multinomial(probs, 1, generator=generator))
-    return token, float(logp[token]), topk
+    drawn = math.log(float(probs[token]))
+    base = logp if params.temperature == 1 else torch.log_softmax(logits, -1)
+    return Choice(token, float(logp[token]), topk, drawn, float(base[token]))
 
 
 def _stopped_by_string(tokenizer: object, row: _Row) -> bool:
@@ -295,6 +311,7 @@ def sample(
                     stop_strings,
                     limit,
                     topk=r.topk_sample_logprobs,
+                    record_stability=r.record_stability,
                 )
             )
             expand.append(i)
@@ -315,11 +332,15 @@ def sample(
             if row.stop_reason is not None:
                 new_tokens.append(pad_id)
                 continue
-            token, lp, topk = choose_token_topk(logits[slot], row.params, row.generator, row.topk)
+            choice = choose_token_topk(logits[slot], row.params, row.generator, row.topk)
+            token = choice.token
             row.tokens.append(token)
-            row.logprobs.append(lp)
-            if topk is not None:
-                row.topk_logprobs.append(topk)
+            row.logprobs.append(choice.logprob)
+            if choice.topk is not None:
+                row.topk_logprobs.append(choice.topk)
+            if row.record_stability:
+                row.behaviour_logprobs.append(choice.behaviour_logprob)
+                row.base_logprobs.append(choice.base_logprob)
             new_tokens.append(token)
             if token in row.stop_tokens or _stopped_by_string(tokenizer, row):
                 row.stop_reason = "stop"
@@ -355,6 +376,8 @@ def sample(
                 row.logprobs,
                 row.stop_reason or "length",
                 row.topk_logprobs if row.topk > 0 else None,
+                row.behaviour_logprobs if row.record_stability else None,
+                row.base_logprobs if row.record_stability else None,
             )
             for row in rows
             if row.request == i

@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 from tinkerd.model.lora import MultiLoraModel, segments_for
-from tinkerd.model.losses import LossInputError, clip_bounds, get_loss
+from tinkerd.model.losses import (
+    LossFn,
+    LossInputError,
+    clip_bounds,
+    get_loss,
+    stable_reinforce_config,
+)
+from tinkerd.model.metrics import reduce_metrics
 from tinkerd.model.types import Datum, ForwardBackwardInput, ForwardBackwardOutput
 
 # Rows of logits per block in TargetLogprobs: 16 x 49k float32 = 3 MB, about an L2/L3 slice.
@@ -36,7 +43,9 @@ class _Row:
 def validate_input(item: ForwardBackwardInput, vocab_size: int, context_length: int) -> None:
     """Raise LossInputError naming the field and problem; called before batching so one bad
     request never fails the others."""
-    _, required = get_loss(item.loss_fn)
+    # loss_fn "custom": the uploaded loss declares its inputs (tinkerd.model.custom_loss).
+    custom: Any = item.custom_loss
+    required = custom.required if custom is not None else get_loss(item.loss_fn)[1]
     validate_loss_config(item.loss_fn, item.loss_fn_config)
     if not item.data:
         raise LossInputError("data is empty")
@@ -55,7 +64,11 @@ def validate_input(item: ForwardBackwardInput, vocab_size: int, context_length: 
                 raise LossInputError(
                     f"data[{i}].loss_fn_inputs lacks {key!r} (required by {item.loss_fn})"
                 )
+        if custom is not None:
+            custom.check_datum(i, datum.loss_fn_inputs)
         for key, value in datum.loss_fn_inputs.items():
+            if custom is not None and key in custom.scalar_inputs:
+                continue  # one value per datum, checked by check_datum
             if value.dim() == 0 or value.dim() > 2:
                 raise LossInputError(
                     f"data[{i}].loss_fn_inputs[{key!r}] must be 1-D or 2-D, "
@@ -98,6 +111,8 @@ def validate_loss_config(loss_fn: str, config: Mapping[str, float]) -> None:
         raise LossInputError("dro needs loss_fn_config['beta']")
     if loss_fn in ("ppo", "cispo", "gspo"):
         clip_bounds(config)
+    if loss_fn == "stable_reinforce":
+        stable_reinforce_config(config)
 
 
 def unembed(lora: MultiLoraModel, hidden: torch.Tensor) -> torch.Tensor:
@@ -217,32 +232,56 @@ def forward_backward(
     needs_grad = any(not item.forward_only for item in inputs)
     with torch.set_grad_enabled(needs_grad):
         lps = target_logprobs(lora, rows, pad_id)
-        per_item: list[list[tuple[int, torch.Tensor, torch.Tensor]]] = [[] for _ in inputs]
+        per_item: list[list[_RowResult]] = [[] for _ in inputs]
         total: torch.Tensor | None = None
         for row, lp in zip(rows, lps, strict=True):
             item = inputs[row.item]
-            fn, _ = get_loss(item.loss_fn)
             device_inputs = _to_device(row.datum_ref.loss_fn_inputs, lp.device)
-            loss = fn(lp, device_inputs, item.loss_fn_config)
-            per_item[row.item].append((row.datum, lp.detach(), loss.detach()))
+            out = loss_fn_of(item)(lp, device_inputs, item.loss_fn_config)
+            loss, metrics = out if isinstance(out, tuple) else (out, {})
+            per_item[row.item].append(
+                _RowResult(
+                    row.datum,
+                    lp.detach(),
+                    loss.detach(),
+                    {k: float(v) for k, v in metrics.items()},
+                )
+            )
             if not item.forward_only and item.adapter_id is not None:
                 total = loss.sum() if total is None else total + loss.sum()
         if total is not None and total.requires_grad:
             total.backward()
     outputs = []
     for results in per_item:
-        results.sort(key=lambda x: x[0])
-        loss_sum = sum(float(loss.sum()) for _, _, loss in results)
+        results.sort(key=lambda r: r.datum)
+        loss_sum = math.fsum(float(r.loss.sum()) for r in results)
+        metrics = reduce_metrics((r.metrics, 1) for r in results)
+        metrics["loss:sum"] = loss_sum
         outputs.append(
             ForwardBackwardOutput(
                 loss_fn_outputs=[
-                    {"logprobs": lp.cpu(), "elementwise_loss": loss.float().cpu()}
-                    for _, lp, loss in results
+                    {"logprobs": r.logprobs.cpu(), "elementwise_loss": r.loss.float().cpu()}
+                    for r in results
                 ],
-                metrics={"loss:sum": loss_sum},
+                metrics=metrics,
             )
         )
     return outputs
+
+
+@dataclass
+class _RowResult:
+    datum: int
+    logprobs: torch.Tensor
+    loss: torch.Tensor
+    metrics: dict[str, float]
+
+
+def loss_fn_of(item: ForwardBackwardInput) -> LossFn:
+    """The loss an input runs: a built-in by name, or the caller's uploaded custom loss."""
+    if item.custom_loss is not None:
+        return item.custom_loss
+    return get_loss(item.loss_fn)[0]
 
 
 def _to_device(inputs: Mapping[str, torch.Tensor], device: torch.device) -> dict:

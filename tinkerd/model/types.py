@@ -1,8 +1,21 @@
 """Plain data types the model layer takes and returns (no HTTP, no protobuf)."""
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+
+@dataclass(frozen=True)
+class ProvenanceSpan:
+    """A run of `length` datum positions that claims to be positions [offset, offset + length)
+    of a recorded sequence's prompt (`sampled=False`) or sampled tokens (`sampled=True`)."""
+
+    sequence_id: str
+    offset: int
+    length: int
+    sampled: bool
 
 
 @dataclass
@@ -11,10 +24,14 @@ class Datum:
 
     Row i of every input lines up with token i, which predicts the next token:
     `target_tokens[i]` is the token after `tokens[i]`. Inputs are (N,) or (N, K) tensors.
+    Provenance (`Datum.with_provenance` of the SDK), when given, tiles `tokens`
+    (`model_input_spans`) and `target_tokens` (`loss_fn_input_spans`).
     """
 
     tokens: list[int]
     loss_fn_inputs: dict[str, torch.Tensor]
+    model_input_spans: list[ProvenanceSpan] | None = None
+    loss_fn_input_spans: list[ProvenanceSpan] | None = None
 
 
 @dataclass
@@ -26,6 +43,9 @@ class ForwardBackwardInput:
     loss_fn: str = "cross_entropy"
     loss_fn_config: dict[str, float] = field(default_factory=dict)
     forward_only: bool = False
+    # loss_fn "custom": the caller's uploaded loss, rebuilt by the server (same signature as
+    # the built-in losses of tinkerd.model.losses).
+    custom_loss: Callable[..., Any] | None = None
 
 
 @dataclass
@@ -66,6 +86,9 @@ class SampleInput:
     prompt_alt_tokens_k: int = 0
     # Score only the last N prompt positions (prompt_logprobs and topk_prompt_logprobs).
     prompt_logprobs_last_n: int | None = None
+    # record_stability_info: also report each sampled token's logprob under the distribution
+    # it was drawn from and under the untruncated temperature-1 one (SampledSequence).
+    record_stability: bool = False
 
 
 @dataclass
@@ -75,6 +98,11 @@ class SampledSequence:
     stop_reason: str  # "stop" | "length"
     # Per token: top-K (id, logprob), sorted descending (when topk_sample_logprobs > 0).
     topk_logprobs: list[list[tuple[int, float]]] | None = None
+    # record_stability only. `behaviour_logprobs`: under the distribution the token was
+    # actually drawn from (temperature, top-k and top-p applied and renormalized; 0.0 for a
+    # greedy pick, which is certain). `base_logprobs`: under softmax(logits), temperature 1.
+    behaviour_logprobs: list[float] | None = None
+    base_logprobs: list[float] | None = None
 
 
 @dataclass
@@ -87,3 +115,6 @@ class SampleOutput:
     # (len(prompt) - 1, K) int64 draws and their float32 logprobs.
     prompt_alt_tokens: torch.Tensor | None = None
     prompt_alt_logprobs: torch.Tensor | None = None
+    # Optim steps of the training run behind the sampled adapter when it was frozen (None:
+    # base model, or a checkpoint whose step is unknown).
+    weights_step: int | None = None

@@ -5,6 +5,7 @@ This is the interface the engine schedules against. Every method takes and retur
 the layers above changing. Methods are not thread-safe: the engine calls one at a time.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,8 @@ class ModelWorker:
         self.base = base
         self.lora = MultiLoraModel(base.model)
         self.optimizers: dict[str, AdapterOptimizer] = {}
+        # Snapshot id → optim steps its source run had taken when it was frozen.
+        self.snapshot_steps: dict[str, int] = {}
         self.autocast_dtype = autocast_dtype
 
     @property
@@ -67,14 +70,22 @@ class ModelWorker:
         self._adapter(adapter_id)
         self.lora.remove_adapter(adapter_id)
         self.optimizers.pop(adapter_id, None)
+        self.snapshot_steps.pop(adapter_id, None)
 
     def has_adapter(self, adapter_id: str) -> bool:
         return adapter_id in self.lora.adapters
 
     def snapshot_adapter(self, source_id: str, snapshot_id: str) -> None:
-        """Freeze a copy of an adapter's current weights for sampling."""
+        """Freeze a copy of an adapter's current weights for sampling (replacing an earlier
+        snapshot of the same id: inflight samplers follow one mutable target)."""
         self._adapter(source_id)
         self.lora.snapshot(source_id, snapshot_id)
+        self.snapshot_steps[snapshot_id] = self.optim_steps(source_id)
+
+    def optim_steps(self, adapter_id: str) -> int:
+        """Optimizer steps a trainable adapter has taken (0 for one without an optimizer)."""
+        optimizer = self.optimizers.get(adapter_id)
+        return optimizer.steps if optimizer is not None else 0
 
     def validate(self, item: ForwardBackwardInput) -> None:
         """Raise LossInputError for a request that can never run (see training.validate_input)."""
@@ -83,12 +94,20 @@ class ModelWorker:
         validate_input(item, self.info.vocab_size, self.info.context_length)
 
     def forward_backward(self, inputs: list[ForwardBackwardInput]) -> list[ForwardBackwardOutput]:
-        """One batched pass over every input; inputs must be validated first."""
-        for item in inputs:
-            if item.adapter_id is not None:
-                self._adapter(item.adapter_id)
+        """One batched pass over every input; inputs must be validated first.
+        stable_reinforce gets the adapter's current optim step count (for its staleness)."""
+        inputs = [self._with_optim_steps(item) for item in inputs]
         with self._autocast():
             return forward_backward(self.lora, inputs, self.info.pad_token_id)
+
+    def _with_optim_steps(self, item: ForwardBackwardInput) -> ForwardBackwardInput:
+        if item.adapter_id is None:
+            return item
+        self._adapter(item.adapter_id)
+        if item.loss_fn != "stable_reinforce":
+            return item
+        config = {**item.loss_fn_config, "optim_steps": float(self.optim_steps(item.adapter_id))}
+        return dataclasses.replace(item, loss_fn_config=config)
 
     def activation_bytes_per_token(self) -> int:
         """Memory one training token costs during forward_backward, measured, not guessed.
@@ -153,7 +172,7 @@ class ModelWorker:
             if item.adapter_id is not None:
                 self._adapter(item.adapter_id)
         with self._autocast():
-            return sample(
+            outputs = sample(
                 self.lora,
                 self.base.tokenizer,
                 inputs,
@@ -161,6 +180,10 @@ class ModelWorker:
                 pad_id=self.info.pad_token_id,
                 context_length=self.info.context_length,
             )
+        for item, out in zip(inputs, outputs, strict=True):
+            if item.adapter_id is not None:
+                out.weights_step = self.snapshot_steps.get(item.adapter_id)
+        return outputs
 
     def export_adapter(self, adapter_id: str, *, with_optimizer: bool) -> AdapterState:
         adapter = self._adapter(adapter_id)

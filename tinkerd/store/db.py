@@ -152,6 +152,7 @@ class SamplingSessionRow(Base):
     model_path: Mapped[str | None] = mapped_column(Text)
     snapshot_of: Mapped[str | None] = mapped_column(ID)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    inflight: Mapped[bool | None]
 
 
 class SamplingClientRow(Base):
@@ -167,6 +168,29 @@ class SamplingClientRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+class StabilityRow(Base):
+    __tablename__ = "stability_records"
+    __table_args__ = (
+        Index("ix_stability_records_session", "session_id"),
+        Index("ix_stability_records_last_used", "last_used_at"),
+    )
+
+    request_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    session_id: Mapped[str] = mapped_column(ID)
+    user: Mapped[str] = mapped_column(ID)
+    base_model: Mapped[str] = mapped_column(ID)
+    weights_run: Mapped[str | None] = mapped_column(Text)
+    weights_step: Mapped[int | None] = mapped_column(BigInteger)
+    prompt: Mapped[bytes] = mapped_column(LargeBinary)
+    lengths: Mapped[list[int]] = mapped_column(JSON)
+    tokens: Mapped[bytes] = mapped_column(LargeBinary)
+    behaviour_logprobs: Mapped[bytes] = mapped_column(LargeBinary)
+    base_logprobs: Mapped[bytes] = mapped_column(LargeBinary)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 class ApiKeyRow(Base):
     __tablename__ = "api_keys"
 
@@ -175,3 +199,25 @@ class ApiKeyRow(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class CustomLossRow(Base):
+    """An uploaded custom loss (server-side custom losses): its checked graph, kept so that
+    forward_backward requests replayed after a restart find it."""
+
+    __tablename__ = "custom_losses"
+    __table_args__ = (
+        # The SDK numbers a session's uploads (`custom_loss_seq_id`); a retry repeats it.
+        UniqueConstraint("session_id", "seq_id", name="uq_custom_losses_session_seq"),
+    )
+
+    loss_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    session_id: Mapped[str] = mapped_column(ID)
+    user: Mapped[str] = mapped_column(ID)
+    seq_id: Mapped[int] = mapped_column(BigInteger)
+    name: Mapped[str] = mapped_column(Text)
+    inputs: Mapped[list[Any]] = mapped_column(JSON)
+    graph: Mapped[dict[str, Any]] = mapped_column(JSON)
+    sha256: Mapped[str] = mapped_column(String(64))
+    request_id: Mapped[str] = mapped_column(ID)  # the create_custom_loss future
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)

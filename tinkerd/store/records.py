@@ -82,6 +82,34 @@ class SamplingSessionRecord:
     model_path: str | None = None
     snapshot_of: str | None = None  # training run whose in-memory snapshot this samples
     created_at: datetime | None = None
+    # An inflight client of `snapshot_of`: it samples the run's one mutable inflight target,
+    # which every later inflight save updates (tinker's SamplingClientKind "inflight").
+    inflight: bool | None = None
+
+
+@dataclass
+class StabilityRecord:
+    """What a sample request with `record_stability_info` recorded, for `stable_reinforce`.
+
+    One record per request; its sequence i is `<request_id>:<i>` (the SDK's `sequence_id`).
+    Arrays are little-endian: `prompt` and `tokens` int32, the logprobs float32; `tokens` and
+    both logprob arrays hold every sequence back to back, `lengths[i]` long each.
+    """
+
+    request_id: str
+    session_id: str  # the Tinker session whose training requests may use it
+    user: str
+    base_model: str
+    weights_run: str | None  # training run (or checkpoint path) sampled from; None: base model
+    weights_step: int | None  # that run's optim steps at the freeze; None: unknown / base
+    prompt: bytes
+    lengths: list[int]
+    tokens: bytes
+    behaviour_logprobs: bytes
+    base_logprobs: bytes
+    size_bytes: int
+    created_at: datetime | None = None
+    last_used_at: datetime | None = None
 
 
 @dataclass
@@ -104,3 +132,21 @@ class Completion:
     status: str  # complete | failed
     cursor: int  # its completion_seq: place in the session's queue
     payload_size: int | None = None  # bytes of the stored result (complete only)
+
+
+@dataclass
+class CustomLossRecord:
+    """An uploaded custom loss: `<session_id>:loss:<seq_id>`, usable only by that session's
+    (and user's) training runs. `inputs` and `graph` are the checked JSON as uploaded;
+    `sha256` is of both, canonically serialized."""
+
+    loss_id: str
+    session_id: str
+    user: str
+    seq_id: int  # the SDK's custom_loss_seq_id
+    name: str
+    inputs: list[Any]
+    graph: dict[str, Any]
+    sha256: str
+    request_id: str  # the create_custom_loss future (complete from the start)
+    created_at: datetime | None = None

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     ColumnElement,
     Engine,
@@ -32,19 +33,23 @@ from tinkerd.store.db import (
     ApiKeyRow,
     Base,
     CheckpointRow,
+    CustomLossRow,
     FutureRow,
     SamplingClientRow,
     SamplingSessionRow,
     SessionRow,
+    StabilityRow,
     TrainingRunRow,
 )
 from tinkerd.store.records import (
     ApiKeyRecord,
     CheckpointRecord,
     Completion,
+    CustomLossRecord,
     FutureRecord,
     SamplingSessionRecord,
     SessionRecord,
+    StabilityRecord,
     TrainingRunRecord,
 )
 
@@ -52,7 +57,13 @@ R = TypeVar("R")
 Row = TypeVar("Row", bound=Base)
 
 # Record fields the store fills with "now" when the caller leaves them None.
-_NOW_FIELDS = ("created_at", "last_heartbeat", "last_request_time")
+_NOW_FIELDS = ("created_at", "last_heartbeat", "last_request_time", "last_used_at")
+# Columns added since the first release: (table, column, type). `_upgrade` adds them to
+# databases made before; each is nullable, so old rows stay valid.
+_ADDED_COLUMNS = (
+    ("futures", "completion_seq", BigInteger()),
+    ("sampling_sessions", "inflight", Boolean()),
+)
 # Clients of a sampling session number their seq_ids from client_id * this (the SDK's
 # `cloned_sampler_id = seq_id // 1_000_000_000`).
 CLIENT_SEQ_BLOCK = 1_000_000_000
@@ -134,12 +145,13 @@ class Store:
         """Bring a database made by an older tinkerd up to date. `create_all` adds missing
         tables (with their indexes) but never columns, so columns added since are added here;
         each is nullable, so existing rows stay valid (their NULL means "not recorded")."""
-        columns = {c["name"] for c in inspect(self._engine).get_columns(FutureRow.__tablename__)}
-        if "completion_seq" not in columns:
-            column = Column("completion_seq", BigInteger())
-            kind = column.type.compile(dialect=self._engine.dialect)
+        inspector = inspect(self._engine)
+        for table, name, type_ in _ADDED_COLUMNS:
+            if name in {c["name"] for c in inspector.get_columns(table)}:
+                continue
+            kind = Column(name, type_).type.compile(dialect=self._engine.dialect)
             with self._engine.begin() as conn:
-                conn.exec_driver_sql(f"ALTER TABLE futures ADD COLUMN completion_seq {kind}")
+                conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
         for index in FutureRow.__table__.indexes:
             index.create(self._engine, checkfirst=True)
 
@@ -442,6 +454,71 @@ class Store:
             )
             return [_to_record(CheckpointRecord, r) for r in rows]
 
+    # stability records (stable_reinforce)
+
+    def add_stability_record(self, rec: StabilityRecord) -> bool:
+        """Insert; False (and nothing changed) if the request is recorded already, e.g. when a
+        sample pending at a restart runs again."""
+        try:
+            with self._write() as s:
+                s.add(_to_row(StabilityRow, rec))
+        except IntegrityError:
+            return False
+        return True
+
+    def stability_records(
+        self, request_ids: list[str], session_id: str, user: str, used_since: datetime
+    ) -> dict[str, StabilityRecord]:
+        """The records of `request_ids` that belong to this session and user and were used
+        (or made) since `used_since`; others are simply absent, exactly like unknown ids."""
+        if not request_ids:
+            return {}
+        with self._read() as s:
+            rows = s.scalars(
+                select(StabilityRow).where(
+                    StabilityRow.request_id.in_(request_ids),
+                    StabilityRow.session_id == session_id,
+                    StabilityRow.user == user,
+                    StabilityRow.last_used_at >= used_since,
+                )
+            )
+            return {r.request_id: _to_record(StabilityRecord, r) for r in rows}
+
+    def touch_stability_records(self, request_ids: list[str]) -> None:
+        """A training request used them: their day of validity starts again."""
+        if request_ids:
+            self._update(
+                StabilityRow, StabilityRow.request_id.in_(request_ids), last_used_at=_now()
+            )
+
+    def stability_bytes(self) -> int:
+        with self._read() as s:
+            return int(s.scalar(select(func.coalesce(func.sum(StabilityRow.size_bytes), 0))))
+
+    def sweep_stability_records(self, unused_since: datetime, max_bytes: int) -> int:
+        """Delete records unused since `unused_since`, then the least recently used ones until
+        the rest fit in `max_bytes`. Returns how many were deleted."""
+        with self._write() as s:
+            gone = s.execute(
+                delete(StabilityRow).where(StabilityRow.last_used_at < unused_since)
+            ).rowcount  # type: ignore[attr-defined]
+            total = int(s.scalar(select(func.coalesce(func.sum(StabilityRow.size_bytes), 0))))
+            if total <= max_bytes:
+                return gone
+            oldest = s.execute(
+                select(StabilityRow.request_id, StabilityRow.size_bytes).order_by(
+                    StabilityRow.last_used_at, StabilityRow.request_id
+                )
+            )
+            doomed = []
+            for request_id, size in oldest:
+                if total <= max_bytes:
+                    break
+                doomed.append(request_id)
+                total -= size
+            s.execute(delete(StabilityRow).where(StabilityRow.request_id.in_(doomed)))
+            return gone + len(doomed)
+
     # sampling sessions
 
     def create_sampling_session(self, rec: SamplingSessionRecord) -> None:
@@ -567,3 +644,37 @@ class Store:
         revocation time stays)."""
         where = (ApiKeyRow.key_id == key_id) & ApiKeyRow.revoked_at.is_(None)
         return self._update(ApiKeyRow, where, revoked_at=_now())
+
+    # custom losses
+
+    def add_custom_loss(self, rec: CustomLossRecord, future: FutureRecord) -> CustomLossRecord:
+        """Store an uploaded loss and its (already finished) future in one transaction, and
+        return the loss as stored: a repeat of (session_id, seq_id), an SDK retry, gets the
+        loss stored first, and adds nothing."""
+        try:
+            with self._write() as s:
+                s.add(_to_row(FutureRow, future))
+                s.add(_to_row(CustomLossRow, rec))
+        except IntegrityError:
+            existing = self.custom_loss_by_seq(rec.session_id, rec.seq_id)
+            if existing is None:
+                raise
+            return existing
+        return rec
+
+    def custom_loss_by_seq(self, session_id: str, seq_id: int) -> CustomLossRecord | None:
+        with self._read() as s:
+            row = s.scalar(
+                select(CustomLossRow).where(
+                    CustomLossRow.session_id == session_id, CustomLossRow.seq_id == seq_id
+                )
+            )
+            return None if row is None else _to_record(CustomLossRecord, row)
+
+    def get_custom_loss(self, loss_id: str, session_id: str, user: str) -> CustomLossRecord | None:
+        """None if unknown, or of another session or user (the caller cannot tell which)."""
+        with self._read() as s:
+            row = s.get(CustomLossRow, loss_id)
+            if row is None or row.session_id != session_id or row.user != user:
+                return None
+            return _to_record(CustomLossRecord, row)
