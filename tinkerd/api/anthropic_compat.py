@@ -12,10 +12,10 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends
+from fastapi import Depends
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from tinkerd.api import inference
 from tinkerd.api.inference import Choice, Generation, InferenceError, Message, Model
@@ -40,15 +40,7 @@ def _error_body(exc: InferenceError) -> dict[str, Any]:
     return {"type": "error", "error": {"type": kind, "message": exc.message}}
 
 
-router = APIRouter(
-    prefix="/anthropic/api/v1",
-    tags=["anthropic"],
-    # Not in /openapi.json: that schema describes the Tinker API and its `{"detail"}` errors
-    # (tests/e2e/test_fuzz.py checks every operation in it for that shape); these routes
-    # follow another API's spec and error shape, fuzzed in tests/e2e/test_inference_api.py.
-    include_in_schema=False,
-    route_class=inference.error_shaped_route(render_error),
-)
+router = inference.compat_router("/anthropic/api/v1", "anthropic", render_error)
 User = Annotated[str, Depends(inference.inference_user)]
 Svc = Annotated[Service, Depends(inference.service_of)]
 
@@ -56,24 +48,19 @@ Svc = Annotated[Service, Depends(inference.service_of)]
 # -- requests --------------------------------------------------------------------------------
 
 
-class _Request(BaseModel):
-    # Unknown fields are ignored (the real API has many optional ones); NaN/inf are refused.
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
-
-
-class ContentBlock(_Request):
+class ContentBlock(inference.CompatRequest):
     """A content block; only `text` blocks are supported (cache_control, citations ignored)."""
 
     type: str
     text: str | None = None
 
 
-class InputMessage(_Request):
+class InputMessage(inference.CompatRequest):
     role: Literal["user", "assistant"]
     content: str | list[ContentBlock]
 
 
-class _Prompt(_Request):
+class _Prompt(inference.CompatRequest):
     """What messages and count_tokens share: the model and the conversation."""
 
     model: str = Field(min_length=1)

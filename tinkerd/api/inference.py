@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import Header, Request, Response
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from jinja2 import TemplateError
+from pydantic import BaseModel, ConfigDict
 
 from tinkerd.api import auth
 from tinkerd.api.service import ApiError, Service
@@ -498,3 +499,24 @@ async def wait_with_keepalive(
 
 def new_id(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex}"
+
+
+class CompatRequest(BaseModel):
+    """Base of the OpenAI/Anthropic request schemas: unknown fields are ignored (the real APIs
+    have many optional ones); NaN/inf are refused."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+def compat_router(prefix: str, tag: str, render: Callable[[InferenceError], Response]) -> APIRouter:
+    """A router for another API's routes, its errors in that API's shape.
+
+    Not in /openapi.json: that schema describes the Tinker API and its `{"detail"}` errors
+    (tests/e2e/test_fuzz.py checks every operation in it for that shape); these routes follow
+    another API's spec and error shape, fuzzed in tests/e2e/test_inference_api.py."""
+    return APIRouter(
+        prefix=prefix,
+        tags=[tag],
+        include_in_schema=False,
+        route_class=error_shaped_route(render),
+    )

@@ -12,10 +12,10 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends
+from fastapi import Depends
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from tinkerd.api import inference
 from tinkerd.api.inference import Choice, Generation, InferenceError, Message, Model
@@ -50,15 +50,7 @@ def render_error(exc: InferenceError) -> JSONResponse:
     return JSONResponse(body, status_code=exc.status)
 
 
-router = APIRouter(
-    prefix="/oai/api/v1",
-    tags=["openai"],
-    # Not in /openapi.json: that schema describes the Tinker API and its `{"detail"}` errors
-    # (tests/e2e/test_fuzz.py checks every operation in it for that shape); these routes
-    # follow another API's spec and error shape, fuzzed in tests/e2e/test_inference_api.py.
-    include_in_schema=False,
-    route_class=inference.error_shaped_route(render_error),
-)
+router = inference.compat_router("/oai/api/v1", "openai", render_error)
 User = Annotated[str, Depends(inference.inference_user)]
 Svc = Annotated[Service, Depends(inference.service_of)]
 
@@ -66,19 +58,14 @@ Svc = Annotated[Service, Depends(inference.service_of)]
 # -- requests --------------------------------------------------------------------------------
 
 
-class _Request(BaseModel):
-    # Unknown fields are ignored (the real API has many optional ones); NaN/inf are refused.
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
-
-
-class ContentPart(_Request):
+class ContentPart(inference.CompatRequest):
     """A part of a message's content; only `text` parts are supported."""
 
     type: str
     text: str | None = None
 
 
-class ChatMessage(_Request):
+class ChatMessage(inference.CompatRequest):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -86,11 +73,11 @@ class ChatMessage(_Request):
     function_call: Any = None
 
 
-class StreamOptions(_Request):
+class StreamOptions(inference.CompatRequest):
     include_usage: bool = False
 
 
-class _Sampling(_Request):
+class _Sampling(inference.CompatRequest):
     """What chat and legacy completions share."""
 
     model: str = Field(min_length=1)
