@@ -19,7 +19,7 @@ from tinker import types
 
 # The `tinkerd` script of the interpreter running the tests (.venv/bin/tinkerd in this repo).
 TINKERD = Path(sys.executable).parent / "tinkerd"
-STARTUP_TIMEOUT_S = 60.0
+STARTUP_TIMEOUT_S = 180.0  # SmolLM2 loads and probes its activation memory first
 SHUTDOWN_TIMEOUT_S = 20.0
 
 

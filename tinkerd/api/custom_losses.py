@@ -18,7 +18,7 @@ from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import Any
 
-from tinkerd.api.service import ApiError, Future, not_found
+from tinkerd.api.service_types import ApiError, Future, not_found
 from tinkerd.model.custom_loss import CustomLoss, CustomLossError, build
 from tinkerd.store.records import CustomLossRecord, FutureRecord
 from tinkerd.store.store import Store
