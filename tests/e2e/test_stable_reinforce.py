@@ -13,6 +13,9 @@ import pytest
 import tinker
 from e2e_helpers import Server, adam, run_server, sft_datum
 from tinker import types
+from tinker_cookbook.completers import TokensWithLogprobs
+from tinker_cookbook.rl.data_processing import trajectory_to_data
+from tinker_cookbook.rl.types import Trajectory, Transition
 
 SPLIT = 128
 PROMPT = [104, 101, 108, 108, 111]  # "hello"
@@ -267,3 +270,55 @@ def test_sequence_records_survive_a_restart(tiny_model_dir: Path, tmp_path: Path
         other = srv.client(KEY).create_training_client_from_state(state).result(timeout=60)
         with pytest.raises(tinker.BadRequestError, match="unknown or expired"):
             other.forward_backward(data, "stable_reinforce").result(timeout=60)
+
+
+def test_multi_turn_provenance_built_by_the_cookbook(clients, server: Server) -> None:
+    """Two turns where the second prompt resends the first turn (prompt + answer + a new
+    observation): the cookbook's own `trajectory_to_data` turns them into one datum whose
+    provenance names both sequences, the second by a prompt span at an offset."""
+    tc = clients(KEY).create_lora_training_client(base_model=server.model, rank=4, seed=6)
+    tc = tc.result()
+    sampler = tc.save_weights_and_get_sampling_client(record_stability_info=True).result()
+    params = types.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.8, top_k=50, seed=1, stop=[])
+
+    def turn(prompt: list[int]) -> TokensWithLogprobs:
+        [seq] = sampler.sample(types.ModelInput.from_ints(prompt), 1, params).result().sequences
+        return TokensWithLogprobs(
+            list(seq.tokens), list(seq.logprobs), seq.stop_reason, sequence_id=seq.sequence_id
+        )
+
+    ob1 = list(PROMPT)
+    ac1 = turn(ob1)
+    ob2 = [*ob1, *ac1.tokens, 32, 63, 32]  # the history and a new observation
+    ac2 = turn(ob2)
+    trajectory = Trajectory(
+        transitions=[
+            Transition(types.ModelInput.from_ints(ob1), ac1, 0.0, False),
+            Transition(types.ModelInput.from_ints(ob2), ac2, 1.0, True),
+        ],
+        final_ob=types.ModelInput.from_ints([]),
+    )
+    [datum] = trajectory_to_data(trajectory, traj_advantage=0.5)
+    assert datum.loss_fn_input_spans is not None
+    spans = datum.model_input_spans
+    assert spans is not None and [type(s).__name__ for s in spans] == [
+        "PromptProvenanceSpan",
+        "SampledProvenanceSpan",
+        "PromptProvenanceSpan",
+        "SampledProvenanceSpan",
+    ]
+    assert spans[2].offset == len(ob1) + len(ac1.tokens)
+    datum = types.Datum(  # the cookbook strips `mask` before sending (rl/train.py)
+        model_input=datum.model_input,
+        loss_fn_inputs={k: v for k, v in datum.loss_fn_inputs.items() if k != "mask"},
+        model_input_spans=datum.model_input_spans,
+        loss_fn_input_spans=datum.loss_fn_input_spans,
+    )
+    out = tc.forward_backward([datum], "stable_reinforce").result(timeout=120)
+    m = out.metrics
+    assert np.isfinite(m["loss:sum"]) and m["loss:sum"] != 0.0
+    # Fresh samples: no drift; at temperature 0.8 with top-k the behaviour distribution is
+    # not the policy's, so the ratios differ from 1 but nothing is masked.
+    assert m["stable_reinforce/token_masked_frac:mean"] == 0.0
+    assert m["stable_reinforce/sequence_masked_frac:mean"] == 0.0
+    assert m["stable_reinforce/ratio:mean"] != pytest.approx(1.0, abs=1e-3)
