@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from tinkerd.config import Settings
+from tinkerd.config import Settings, parse_model_spec
 
 if TYPE_CHECKING:
     from tinkerd.store.store import Store
@@ -42,7 +42,19 @@ def serve(
     data_dir: DataDirOption = None,
     model: Annotated[
         list[str] | None,
-        typer.Option(help="Base model name or path, repeatable [env: TINKERD_MODELS]"),
+        typer.Option(
+            help="Base model: hub name, local directory, or NAME=PATH (a local directory "
+            "served under NAME, e.g. Qwen/Qwen3-8B=/models/qwen3-8b); repeatable "
+            "[env: TINKERD_MODELS]"
+        ),
+    ] = None,
+    trust_remote_code: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--trust-remote-code",
+            help="Served model NAME allowed to run the Python code it ships (e.g. Kimi-K2); "
+            "repeatable; off for every model by default [env: TINKERD_TRUST_REMOTE_CODE]",
+        ),
     ] = None,
     database_url: DatabaseUrlOption = None,
     dtype: Annotated[
@@ -77,6 +89,7 @@ def serve(
         port=port,
         data_dir=data_dir,
         models=model,
+        trust_remote_code=trust_remote_code,
         database_url=database_url,
         dtype=dtype,
         device=device,
@@ -84,6 +97,7 @@ def serve(
         allow_slow_bf16=allow_slow_bf16 or None,  # unset: TINKERD_ALLOW_SLOW_BF16 decides
     )
     registered = _check_exposure(settings)
+    _check_models(settings)
     _check_bf16(settings)
 
     # Imported after the check (they pull in torch), so a refusal is immediate.
@@ -95,7 +109,8 @@ def serve(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     url = f"http://{settings.host}:{settings.port}"
-    typer.echo(f"tinkerd: serving {', '.join(settings.models)} at {url}")
+    names = ", ".join(spec.name for spec in settings.model_specs())
+    typer.echo(f"tinkerd: serving {names} at {url}")
     typer.echo(f"  export TINKER_BASE_URL={url}")
     if registered:
         typer.echo("  export TINKER_API_KEY=...   # a key from `tinkerd keys create --name NAME`")
@@ -105,6 +120,28 @@ def serve(
     # that was in place before it started: make that one a clean exit (status 0).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+def _check_models(settings: Settings) -> None:
+    """Refuse bad `--model` specs, and local models that ship code nobody allowed, before
+    anything heavy loads (hub models are checked when they load)."""
+    for spec in settings.models:
+        try:
+            parsed = parse_model_spec(spec)
+        except ValueError as exc:
+            typer.echo(f"tinkerd: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        config = Path(parsed.source) / "config.json"
+        if parsed.name in settings.trust_remote_code or not config.is_file():
+            continue
+        if "auto_map" in json.loads(config.read_text()):
+            typer.echo(
+                f"tinkerd: model {parsed.name!r} ships its own Python code ({parsed.source}); "
+                f"tinkerd runs it only when asked: add --trust-remote-code {parsed.name} "
+                "(TINKERD_TRUST_REMOTE_CODE) if you trust its source",
+                err=True,
+            )
+            raise typer.Exit(2)
 
 
 def _store(settings: Settings) -> "Store":
@@ -234,9 +271,14 @@ def prepare_model(
     from tinkerd.model.loading import load_base_model
 
     settings = _settings(data_dir=data_dir, models=model)
-    for name in settings.models:
+    for spec in settings.model_specs():
         base = load_base_model(
-            name, data_dir=settings.data_dir, dtype=settings.dtype, device=settings.device
+            spec.source,
+            data_dir=settings.data_dir,
+            dtype=settings.dtype,
+            device=settings.device,
+            served_name=spec.name,
+            trust_remote_code=spec.name in settings.trust_remote_code,
         )
         typer.echo(json.dumps(base.info.__dict__))
 
@@ -268,9 +310,15 @@ def tokenizer_cache(
     settings = _settings(data_dir=data_dir, models=model)
     cache = (cache_dir or default_hub_cache()).resolve()
     failed = False
-    for name in settings.models:
+    for spec in settings.model_specs():
+        name = spec.name
         try:
-            source = source_for_model(name, settings.data_dir)
+            # NAME=PATH: the directory's tokenizer, published under NAME.
+            source = (
+                Path(spec.source)
+                if spec.name != spec.source
+                else source_for_model(name, settings.data_dir)
+            )
         except FileNotFoundError as exc:
             typer.echo(f"{name}: {exc}", err=True)
             failed = True

@@ -1,5 +1,6 @@
 """One typed settings object for the whole service: CLI flags and `TINKERD_*` env vars."""
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +15,30 @@ def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("tinkerd"))
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """A served model: the name clients use, and where its weights come from (a local
+    directory, a hub name, or the embedded model's name)."""
+
+    name: str
+    source: str
+
+
+def parse_model_spec(spec: str) -> ModelSpec:
+    """`NAME=PATH` serves the local directory PATH under NAME (so that clients, such as the
+    cookbook, which pick renderers and tokenizers by name, recognise it); anything else is
+    served under itself."""
+    name, sep, source = spec.partition("=")
+    if not sep:
+        return ModelSpec(spec, spec)
+    name, source = name.strip(), source.strip()
+    if not name or not source:
+        raise ValueError(f"model {spec!r}: expected NAME=PATH (e.g. Qwen/Qwen3-8B=/models/q3)")
+    if not Path(source).is_dir():
+        raise ValueError(f"model {spec!r}: {source} is not a directory")
+    return ModelSpec(name, source)
+
+
 class Settings(BaseSettings):
     """Every knob of tinkerd. Each field is also read from `TINKERD_<FIELD>` (upper case);
     list fields take JSON (`TINKERD_MODELS='["a", "b"]'`)."""
@@ -25,7 +50,10 @@ class Settings(BaseSettings):
     # Serve a non-loopback host even with no registered API key (anyone reaching it is a user).
     insecure: bool = False
     data_dir: Path = Field(default_factory=default_data_dir)
+    # Each a hub name, a local directory, or NAME=PATH (a local directory served as NAME).
     models: list[str] = Field(default_factory=lambda: [EMBEDDED_MODEL])
+    # Served names of models allowed to run the Python code they ship (off for all by default).
+    trust_remote_code: list[str] = Field(default_factory=list)
     database_url: str | None = None  # default: SQLite in the data dir
     dtype: Literal["float32", "bfloat16"] = "float32"
     # Serve bfloat16 on a CPU without native bf16 matmuls (tinkerd/model/cpu_features.py),
@@ -71,6 +99,10 @@ class Settings(BaseSettings):
     # (tinkerd/model/custom_loss.py). Off, the SDK runs them client-side and uploads are
     # refused; losses stored before still run (replays after a restart need them).
     custom_loss_server_side: bool = True
+
+    def model_specs(self) -> list[ModelSpec]:
+        """`models`, parsed (ValueError for a malformed NAME=PATH)."""
+        return [parse_model_spec(m) for m in self.models]
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'tinkerd.db'}"

@@ -47,13 +47,19 @@ def free_port() -> int:
 
 
 def start_serve(
-    model_dir: Path, data_dir: Path, port: int, log: IO[bytes], **env: str
+    model_dir: Path,
+    data_dir: Path,
+    port: int,
+    log: IO[bytes],
+    served_as: str | None = None,
+    **env: str,
 ) -> subprocess.Popen[bytes]:
-    """`tinkerd serve` on loopback `port` (one torch thread), its output into `log`."""
+    """`tinkerd serve` on loopback `port` (one torch thread), its output into `log`; the model
+    under its path, or under `served_as` (`--model NAME=PATH`)."""
     full_env = {**os.environ, "TINKERD_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}
     launcher = [str(TINKERD)] if TINKERD.exists() else [sys.executable, "-m", "tinkerd.cli"]
     cmd = [*launcher, "serve", "--port", str(port), "--data-dir", str(data_dir)]
-    cmd += ["--model", str(model_dir)]
+    cmd += ["--model", f"{served_as}={model_dir}" if served_as else str(model_dir)]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
 
 
@@ -75,7 +81,11 @@ def wait_healthy(proc: subprocess.Popen[bytes], base_url: str, log: Callable[[],
 
 @contextmanager
 def run_server(
-    model_dir: Path, workdir: Path, port: int | None = None, **env: str
+    model_dir: Path,
+    workdir: Path,
+    port: int | None = None,
+    served_as: str | None = None,
+    **env: str,
 ) -> Iterator[Server]:
     """Start `tinkerd serve`, wait for /healthz, yield, then SIGTERM and check a clean exit.
     The same `workdir` and `port` again restart the same server (same data, same URL)."""
@@ -84,9 +94,14 @@ def run_server(
     log_path = workdir / "server.log"
     with open(log_path, "wb") as log:
         proc = start_serve(
-            model_dir, data_dir, port, log, **{"TINKERD_LONG_POLL_SECONDS": "5", **env}
+            model_dir,
+            data_dir,
+            port,
+            log,
+            served_as,
+            **{"TINKERD_LONG_POLL_SECONDS": "5", **env},
         )
-    server = Server(f"http://127.0.0.1:{port}", str(model_dir), log_path, data_dir)
+    server = Server(f"http://127.0.0.1:{port}", served_as or str(model_dir), log_path, data_dir)
     try:
         wait_healthy(proc, server.base_url, server.log)
     except BaseException:

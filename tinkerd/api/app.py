@@ -40,9 +40,14 @@ def build_schedulers(settings: Settings) -> dict[str, ModelScheduler]:
     run_states = RunStates(settings.data_dir / "runs")
     cleanup_leftovers(run_states.root)
     schedulers = {}
-    for name in settings.models:
+    for spec in settings.model_specs():
         base = load_base_model(
-            name, data_dir=settings.data_dir, dtype=settings.dtype, device=settings.device
+            spec.source,
+            data_dir=settings.data_dir,
+            dtype=settings.dtype,
+            device=settings.device,
+            served_name=spec.name,
+            trust_remote_code=spec.name in settings.trust_remote_code,
         )
         worker = ModelWorker(base, autocast_dtype=autocast)
         budget = train_token_budget(worker, settings)

@@ -7,15 +7,25 @@ model's scheduler, so these requests join the same sampling batches as the SDK's
 await it from asyncio. The sequences come back as `Choice`s: per-token text pieces with EOS and
 the matched stop string removed, which each API shapes into its response or its SSE events.
 
-The sampler returns whole sequences (it does not stream tokens yet), so a streamed response
-sends its deltas when the sample is done, with keep-alives while it waits.
+Streamed responses are token by token: `stream` sets the sample's `on_token` hook, which the
+sampler calls on the scheduler thread as each token is drawn; the tokens cross into asyncio
+(`call_soon_threadsafe` into a queue) and `IncrementalText` turns each sequence's tokens into
+text deltas as soon as that text is final (never half a UTF-8 character, never text that may
+still turn out to be the start of a stop string, never EOS, nothing after a matched stop
+string). When the sample is done, the rest of each sequence's text is reconciled with
+`to_choice`, so the deltas add up to exactly the non-streamed text. Keep-alives go out while
+nothing else does (queued behind other batches, or a slow prefill). Samples join whole
+batches, which run to their end: a stream starts when its batch does.
 """
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
+import logging
+import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -33,18 +43,22 @@ from tinkerd.checkpoints.peft_format import read_adapter_info
 from tinkerd.engine.ops import Op, Sample, UserError
 from tinkerd.engine.scheduler import ModelScheduler
 from tinkerd.model.loading import BaseModelInfo
+from tinkerd.model.sampling import Choice as Drawn
 from tinkerd.model.sampling import validate_sample_input
 from tinkerd.model.types import SampledSequence, SampleInput, SampleOutput, SamplingParams
 
 # Chat requests without max_tokens get what the context leaves, up to this: the sampler runs a
 # batch to its end, so an unbounded default would hold every tenant's samples behind it.
 DEFAULT_CHAT_MAX_TOKENS = 1024
-# A streamed response sends a keep-alive this often while its sample waits or runs.
+# A streamed response sends a keep-alive when it has sent nothing else for this long.
 KEEPALIVE_SECONDS = 10.0
+# Token events decoded in one go on the event loop; more go to a worker thread.
+DECODE_ON_LOOP = 16
 # Checkpoint kinds that can be sampled (external_weights are exports for other tools).
 SAMPLEABLE_KINDS = ("sampler_weights", "weights")
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class InferenceError(Exception):

