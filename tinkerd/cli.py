@@ -402,6 +402,37 @@ def bench_api(
     typer.echo(json.dumps(run(cfg)))
 
 
+@bench_app.command("moe")
+def bench_moe(
+    rows: Annotated[int, typer.Option(help="rows of the training batch")] = 8,
+    seq: Annotated[int, typer.Option(help="tokens per row")] = 128,
+    rank: Annotated[int, typer.Option(help="LoRA rank")] = 32,
+    tenants: Annotated[int, typer.Option(help="adapters in the mixed batch")] = 4,
+    steps: Annotated[int, typer.Option(help="timed repetitions (best is kept)")] = 3,
+    threads: Annotated[int, typer.Option(help="torch threads")] = 2,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    experts: Annotated[int, typer.Option(help="routed experts per layer")] = 4,
+    hidden_size: Annotated[int, typer.Option(help="hidden size (MoE width: half)")] = 64,
+    dtype: Annotated[str | None, BenchDtypeOption] = None,
+) -> None:
+    """LoRA on MoE experts vs attention-only LoRA on a tiny Qwen3-MoE: tokens/s and memory."""
+    from tinkerd.bench.moe import MoeBenchConfig, run
+
+    cfg = MoeBenchConfig(
+        rows=rows,
+        seq=seq,
+        rank=rank,
+        tenants=tenants,
+        steps=steps,
+        threads=threads,
+        device=device,
+        dtype=dtype,
+        experts=experts,
+        hidden_size=hidden_size,
+    )
+    typer.echo(json.dumps(run(cfg)))
+
+
 @bench_app.command("load")
 def bench_load(
     seconds: Annotated[float, typer.Option(help="length of the concurrent load")] = 60.0,

@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -189,6 +190,132 @@ def test_raw_chat_stream_ends_with_done(server: Server) -> None:
     first = json.loads(events[0][1])
     assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert json.loads(events[-2][1])["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def _stop_in(text: str) -> str | None:
+    """Two characters from inside `text` (no U+FFFD), to stop at, or None."""
+    return next(
+        (text[k : k + 2] for k in range(1, len(text) - 2) if "\ufffd" not in text[k : k + 2]),
+        None,
+    )
+
+
+def _chat_chunks(chunks: list, n: int) -> tuple[list[str], list, list]:
+    """Each choice's text, finish reason and logprobs.content, from chat chunks."""
+    texts, finish, logprobs = [""] * n, [None] * n, [[] for _ in range(n)]
+    for c in chunks:
+        for ch in c.choices:
+            texts[ch.index] += ch.delta.content or ""
+            finish[ch.index] = ch.finish_reason or finish[ch.index]
+            if ch.logprobs and ch.logprobs.content:
+                logprobs[ch.index] += ch.logprobs.content
+    return texts, finish, logprobs
+
+
+def test_streams_add_up_to_the_answer_with_stops(
+    oai: openai.OpenAI, claude: anthropic.Anthropic, server: Server
+) -> None:
+    """With stop strings and n=2, each choice's streamed deltas add up to exactly the
+    non-streamed text, with the same finish reasons and the same per-token logprobs (chat,
+    legacy completions, Anthropic messages)."""
+    base = {"model": server.model, "messages": HELLO, "max_tokens": 24, "seed": 7, "n": 2}
+    free = oai.chat.completions.create(**base)
+    stop = _stop_in(free.choices[0].message.content or "") or "zz"
+    for stops in ([stop], [stop, "q"]):
+        kwargs = {**base, "stop": stops, "logprobs": True, "top_logprobs": 2}
+        whole = oai.chat.completions.create(**kwargs)
+        texts, finish, logprobs = _chat_chunks(
+            list(oai.chat.completions.create(**kwargs, stream=True)), 2
+        )
+        assert texts == [c.message.content for c in whole.choices]
+        assert finish == [c.finish_reason for c in whole.choices]
+        for got, want in zip(logprobs, [c.logprobs.content for c in whole.choices], strict=True):
+            assert [t.token for t in got] == [t.token for t in want]
+            assert [t.logprob for t in got] == pytest.approx([t.logprob for t in want], abs=1e-4)
+            assert [len(t.top_logprobs) for t in got] == [len(t.top_logprobs) for t in want]
+    assert whole.choices[0].finish_reason == "stop"  # the stop string was met
+    # Legacy completions: two prompts x n=2, interleaved by index.
+    kwargs = {
+        "model": server.model,
+        "prompt": ["abc", "hello"],
+        "max_tokens": 24,
+        "seed": 7,
+        "n": 2,
+        "stop": [stop],
+        "logprobs": 1,
+    }
+    whole = oai.completions.create(**kwargs)
+    texts, finish = [""] * 4, [None] * 4
+    tokens: list[list] = [[] for _ in range(4)]
+    offsets: list[list] = [[] for _ in range(4)]
+    for chunk in oai.completions.create(**kwargs, stream=True):
+        for ch in chunk.choices:
+            texts[ch.index] += ch.text
+            finish[ch.index] = ch.finish_reason or finish[ch.index]
+            if ch.logprobs:
+                tokens[ch.index] += ch.logprobs.token_logprobs
+                offsets[ch.index] += ch.logprobs.text_offset
+    assert texts == [c.text for c in whole.choices]
+    assert finish == [c.finish_reason for c in whole.choices]
+    for got, want in zip(tokens, [c.logprobs.token_logprobs for c in whole.choices], strict=True):
+        assert got == pytest.approx(want, abs=1e-4)  # batches may differ: float noise
+    assert offsets == [c.logprobs.text_offset for c in whole.choices]
+    # Anthropic, with and without the stop sequence.
+    for stops in ([], [stop]):
+        ask = {
+            "model": server.model,
+            "max_tokens": 24,
+            "messages": HELLO,
+            "stop_sequences": stops,
+            "extra_body": {"seed": 7},
+        }
+        message = claude.messages.create(**ask)
+        with claude.messages.stream(**ask) as stream:
+            pieces = [text for text in stream.text_stream]
+            streamed = stream.get_final_message()
+        assert "".join(pieces) == message.content[0].text == streamed.content[0].text
+        assert (streamed.stop_reason, streamed.stop_sequence) == (
+            message.stop_reason,
+            message.stop_sequence,
+        )
+
+
+def test_tokens_are_streamed_as_they_are_sampled(oai: openai.OpenAI, server: Server) -> None:
+    """A long generation's deltas arrive while it runs, not all at its end: the first content
+    delta comes before the generation is half done (measured from the request to the last
+    delta, so no absolute duration is assumed; sending everything at the end puts the first
+    delta next to the last)."""
+    for seed in range(20):  # a seed that runs to max_tokens (the tiny model may draw EOS)
+        body = {
+            "model": server.model,
+            "messages": HELLO,
+            "max_tokens": 64,
+            "temperature": 1.0,
+            "seed": seed,
+        }
+        if oai.chat.completions.create(**body).choices[0].finish_reason == "length":
+            break
+    else:
+        pytest.skip("every seed drew EOS early")
+    url = f"{server.base_url}/oai/api/v1/chat/completions"
+    headers = {"Authorization": f"Bearer {KEY}"}
+    arrivals, text = [], ""
+    start = time.monotonic()
+    with httpx.stream(
+        "POST", url, json={**body, "stream": True}, headers=headers, timeout=120
+    ) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if not line.startswith("data:") or line.endswith("[DONE]"):
+                continue
+            [choice] = json.loads(line[5:])["choices"]
+            if choice["delta"].get("content"):
+                arrivals.append(time.monotonic())
+                text += choice["delta"]["content"]
+    assert text == oai.chat.completions.create(**body).choices[0].message.content
+    assert len(arrivals) >= 8
+    first, last = arrivals[0] - start, arrivals[-1] - start
+    assert first < last / 2, f"first delta at {first:.3f}s, last at {last:.3f}s"
 
 
 def _ascii_in(text: str) -> str | None:

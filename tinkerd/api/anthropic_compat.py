@@ -233,10 +233,10 @@ async def count_tokens(body: CountTokensRequest, user: User, svc: Svc) -> TokenC
 async def _stream(
     model: Model, item: SampleInput, gen: Generation, name: str, message_id: str
 ) -> AsyncIterator[str]:
-    """Anthropic's event sequence: `message_start` and `content_block_start` at once, `ping`s
-    while the sample runs, then one `content_block_delta` per token, `content_block_stop`,
-    `message_delta` (stop reason, output tokens) and `message_stop`; an `error` event if the
-    sample fails."""
+    """Anthropic's event sequence: `message_start` and `content_block_start` at once, a
+    `content_block_delta` as each piece of text is sampled (`ping`s while nothing else goes
+    out), then `content_block_stop`, `message_delta` (stop reason, output tokens) and
+    `message_stop`; an `error` event if the sample fails."""
     start = MessageResponse(
         id=message_id,
         model=name,
@@ -254,27 +254,21 @@ async def _stream(
     yield ping
     choice: Choice | None = None
     try:
-
-        async def work() -> Choice:
-            [output] = await inference.generate(model, [item])
-            [done] = await inference.choices(model, [output], gen.stop)
-            return done
-
-        async for keepalive, done in inference.wait_with_keepalive(work(), ping):
-            if keepalive:
-                yield keepalive
-            elif done is not None:
-                choice = done
+        async for event in inference.stream(model, [item], gen.stop):
+            if event is None:
+                yield ping
+            elif isinstance(event, inference.Finished):
+                [choice] = event.choices
+            elif event.text:
+                delta = {"type": "text_delta", "text": event.text}
+                yield _event(
+                    "content_block_delta",
+                    {"type": "content_block_delta", "index": 0, "delta": delta},
+                )
     except InferenceError as exc:
         yield _event("error", _error_body(exc))
         return
     assert choice is not None
-    for piece in choice.pieces:
-        if piece.text:
-            delta = {"type": "text_delta", "text": piece.text}
-            yield _event(
-                "content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}
-            )
     yield _event("content_block_stop", {"type": "content_block_stop", "index": 0})
     yield _event(
         "message_delta",

@@ -28,7 +28,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -57,7 +57,6 @@ DECODE_ON_LOOP = 16
 # Checkpoint kinds that can be sampled (external_weights are exports for other tools).
 SAMPLEABLE_KINDS = ("sampler_weights", "weights")
 
-T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
@@ -247,7 +246,7 @@ def chat_prompt(model: Model, messages: Sequence[Message], prefill: str = "") ->
         text = tokenizer.apply_chat_template(
             conversation, tokenize=False, add_generation_prompt=True
         )
-    except TemplateError as exc:
+    except (TemplateError, ValueError) as exc:  # ValueError: e.g. no messages left
         raise InferenceError(
             400, f"messages: the model's chat template refused them: {exc}", "messages"
         ) from exc
@@ -357,10 +356,8 @@ async def generate(model: Model, items: Sequence[SampleInput]) -> list[SampleOut
         raise
     outputs: list[SampleOutput] = []
     for result in results:
-        if isinstance(result, UserError | ValueError):
-            raise InferenceError(400, str(result), "model")
         if isinstance(result, BaseException):
-            raise InferenceError(500, f"sampling failed: {result}", code="server_error")
+            raise _failure(result)
         outputs.append(result)
     return outputs
 
@@ -493,22 +490,227 @@ def _byte_level_decoder() -> dict[str, int]:
 # -- streaming -----------------------------------------------------------------------------
 
 
-async def wait_with_keepalive(
-    work: Awaitable[T], keepalive: str
-) -> AsyncIterator[tuple[str | None, T | None]]:
-    """Run `work`, yielding `(keepalive, None)` every KEEPALIVE_SECONDS until it is done, then
-    `(None, result)`. If the stream is closed first (the client left), `work` is cancelled."""
-    task = asyncio.ensure_future(work)
+@dataclass(frozen=True)
+class TextDelta:
+    """Newly final text of one streamed sequence. `index`: the choice (prompt × n + sample);
+    `pieces`: the tokens whose text starts in this delta, with their logprobs (text: each
+    token's share of it), `offset` the text offset of the first of them in the sequence."""
+
+    index: int
+    text: str
+    pieces: tuple[Piece, ...] = ()
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The end of a stream: every sequence as a Choice (the non-streamed answer), in order."""
+
+    choices: list[Choice]
+
+
+class IncrementalText:
+    """One sequence's text as its tokens arrive, sent only once it is final.
+
+    `push` takes each sampled token and returns the text that has become final since the last
+    delta, if any: the decode of the tokens so far, less a trailing incomplete UTF-8 character
+    (U+FFFD at the end of the decode), less an EOS token at the end, less any suffix that is
+    the start of a stop string, and cut at the first stop string matched (after which it sends
+    nothing). Each token's logprobs go with the delta where its text starts (a token with no
+    text of its own, such as the first bytes of a character, goes with the delta that carries
+    that character); tokens whose text never goes out (EOS, the stop string) have none, as in
+    `to_choice`. `finish` reconciles with the non-streamed Choice: the deltas then add up to
+    exactly its text. The whole text is decoded at each token, as `to_choice` decodes every
+    prefix, so tokenizers whose decode is not a concatenation of tokens are right too.
+    """
+
+    def __init__(
+        self, tokenizer: Any, eos_ids: Collection[int], stop: Sequence[str], index: int = 0
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.eos_ids = frozenset(eos_ids)
+        self.stop = tuple(s for s in stop if s)
+        self.index = index
+        self.tokens: list[int] = []
+        self.sent = ""  # the text sent so far
+        self.stopped = False  # a stop string was matched: nothing more until `finish`
+        self._end = 0  # where the text of the tokens so far ends (as `to_choice`'s ends)
+        self._pending: list[Piece] = []  # tokens whose logprobs have not gone out yet
+        self._starts: list[int] = []  # ... and where the text of each starts
+        self._sent_tokens = 0
+
+    def push(
+        self, token: int, logprob: float = 0.0, top: Sequence[tuple[int, float]] = ()
+    ) -> TextDelta | None:
+        self.tokens.append(token)
+        if self.stopped:
+            return None
+        self._pending.append(Piece(token, "", logprob, tuple(top)))
+        self._starts.append(self._end)
+        body = self.tokens[:-1] if token in self.eos_ids else self.tokens
+        raw = self.tokenizer.decode(body)
+        text = raw.rstrip("\ufffd")
+        if text == raw:
+            self._end = max(self._end, len(text))
+        found = [(text.find(s), s) for s in self.stop if s in text]
+        if found:
+            self.stopped = True
+            return self._emit(text[: min(found)[0]])
+        return self._emit(text[: len(text) - self._held(text)])
+
+    def _held(self, text: str) -> int:
+        """The longest suffix of `text` that a stop string starts with."""
+        held = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), held, -1):
+                if text.endswith(s[:k]):
+                    held = k
+                    break
+        return held
+
+    def _emit(self, target: str) -> TextDelta | None:
+        if len(target) <= len(self.sent) or not target.startswith(self.sent):
+            return None  # nothing new is final (or it does not extend what went out: wait)
+        before, self.sent = len(self.sent), target
+        count = sum(1 for start in self._starts if start < len(target))
+        starts = [*self._starts[:count], len(target)]
+        pieces = tuple(
+            dataclasses.replace(p, text=target[starts[j] : starts[j + 1]])
+            for j, p in enumerate(self._pending[:count])
+        )
+        offset = starts[0] if count else before
+        del self._pending[:count], self._starts[:count]
+        self._sent_tokens += count
+        return TextDelta(self.index, target[before:], pieces, offset)
+
+    def finish(self, choice: Choice) -> TextDelta | None:
+        """What is left of `choice` (the same sequence, as `to_choice` made it): its text
+        after what was sent, with the logprobs of its tokens not sent yet."""
+        if not choice.text.startswith(self.sent):
+            log.warning(
+                "streamed text of choice %d does not lead to its final text; the stream "
+                "sends no more of it (sent %r, final %r)",
+                self.index,
+                self.sent[-40:],
+                choice.text[: len(self.sent) + 40][-80:],
+            )
+            return None
+        rest = choice.text[len(self.sent) :]
+        pieces = choice.pieces[self._sent_tokens :]
+        offset = sum(len(p.text) for p in choice.pieces[: self._sent_tokens])
+        self.sent, self.stopped = choice.text, True
+        self._pending, self._starts = [], []
+        self._sent_tokens = max(self._sent_tokens, len(choice.pieces))
+        if not rest and not pieces:
+            return None
+        return TextDelta(self.index, rest, tuple(pieces), offset)
+
+
+async def stream(
+    model: Model, items: Sequence[SampleInput], stop: Sequence[str]
+) -> AsyncIterator[TextDelta | Finished | None]:
+    """`generate`, token by token: queue one `Sample` op per item with an `on_token` hook and
+    yield each sequence's `TextDelta`s as its tokens are drawn (choices numbered item × n +
+    sample, interleaved as they come), then `Finished` with every Choice once all are done.
+    Yields None when nothing else has gone out for KEEPALIVE_SECONDS (send a keep-alive).
+    Raises InferenceError when a sample fails. If the stream is closed first (the client
+    left), ops that have not started are taken out of the queue, and a running batch's tokens
+    for it are dropped at the hook."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
+    gone = threading.Event()  # read by the hooks on the scheduler thread
+
+    def put(event: tuple[int, str, Any]) -> None:
+        if gone.is_set():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    def hook(j: int) -> Callable[[int, Drawn], None]:
+        def on_token(sample: int, drawn: Drawn) -> None:
+            put((j, "token", (sample, drawn.token, drawn.logprob, tuple(drawn.topk or ()))))
+
+        return on_token
+
+    def settle(j: int, kind: str) -> Callable[[Any], None]:
+        return lambda value: put((j, kind, value))
+
+    ops: list[Op] = []
+    texts: dict[int, IncrementalText] = {}
+    first: list[int] = []  # each item's first choice index
+    for j, item in enumerate(items):
+        first.append(len(texts))
+        for index in range(len(texts), len(texts) + item.num_samples):
+            texts[index] = IncrementalText(model.tokenizer, model.info.eos_token_ids, stop, index)
+        live = dataclasses.replace(item, on_token=hook(j))
+        ops.append(
+            Op(
+                f"inference-{uuid.uuid4().hex}",
+                Sample(live, model.snapshot_dir),
+                settle(j, "done"),
+                settle(j, "fail"),
+            )
+        )
+
+    Token = tuple[int, int, float, tuple[tuple[int, float], ...]]  # choice, id, logprob, top
+
+    def decode(tokens: list[Token]) -> list[TextDelta]:
+        deltas = []
+        for index, token, logprob, top in tokens:
+            delta = texts[index].push(token, logprob, top)
+            if delta is not None:
+                deltas.append(delta)
+        return deltas
+
+    outputs: list[SampleOutput | None] = [None] * len(items)
+    getter: asyncio.Future[tuple[int, str, Any]] | None = None
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=KEEPALIVE_SECONDS)
-            if done:
-                break
-            yield keepalive, None
-        yield None, task.result()
+        for op in ops:
+            model.scheduler.submit(op)
+        while any(out is None for out in outputs):
+            if getter is None:
+                getter = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({getter}, timeout=KEEPALIVE_SECONDS)
+            if not done:
+                yield None
+                continue
+            events, getter = [getter.result()], None
+            while not queue.empty():
+                events.append(queue.get_nowait())
+            tokens: list[Token] = []
+            for j, kind, value in events:
+                if kind == "token":
+                    sample, token, logprob, top = value
+                    tokens.append((first[j] + sample, token, logprob, top))
+                elif kind == "done":
+                    outputs[j] = value
+                else:
+                    raise _failure(value)
+            if len(tokens) <= DECODE_ON_LOOP:
+                deltas = decode(tokens)
+            else:
+                deltas = await asyncio.to_thread(decode, tokens)
+            for delta in deltas:
+                yield delta
+        final = await choices(model, [out for out in outputs if out is not None], stop)
+        for index, choice in enumerate(final):
+            delta = texts[index].finish(choice)
+            if delta is not None:
+                yield delta
+        yield Finished(final)
     finally:
-        if not task.done():
-            task.cancel()
+        gone.set()
+        if getter is not None:
+            getter.cancel()
+        for op, out in zip(ops, outputs, strict=True):
+            if out is None:
+                model.scheduler.cancel_sample(op.request_id)
+
+
+def _failure(result: BaseException) -> InferenceError:
+    if isinstance(result, UserError | ValueError):
+        return InferenceError(400, str(result), "model")
+    return InferenceError(500, f"sampling failed: {result}", code="server_error")
 
 
 def new_id(prefix: str) -> str:

@@ -33,6 +33,7 @@ MAX_N = 128  # OpenAI's bound on `n`
 MAX_TOP_LOGPROBS = 20  # chat `top_logprobs`, as OpenAI
 MAX_LEGACY_LOGPROBS = 5  # completions `logprobs`, as OpenAI
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the legacy endpoint's documented default
+KEEPALIVE = ": keep-alive\n\n"  # an SSE comment, sent while a stream has nothing else to send
 
 
 def render_error(exc: InferenceError) -> JSONResponse:
@@ -390,9 +391,10 @@ async def _chat_stream(
     completion_id: str,
     created: int,
 ) -> AsyncIterator[str]:
-    """`chat.completion.chunk`s: a role delta per choice at once, then, when the sample is
-    done, one content delta per token (with its logprobs), a finish chunk per choice, the
-    usage chunk if asked for, and `[DONE]`."""
+    """`chat.completion.chunk`s: a role delta per choice at once, then content deltas as the
+    tokens are sampled (choices interleaved, each chunk with its `index`; with logprobs, each
+    token's in the chunk where its text starts), a finish chunk per choice, the usage chunk if
+    asked for, and `[DONE]`. Keep-alive comments while nothing else goes out."""
     usage_field = body.include_usage()
 
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
@@ -404,33 +406,25 @@ async def _chat_stream(
 
     for i in range(gen.n):
         yield chunk([ChunkChoice(index=i, delta=ChunkDelta(role="assistant", content=""))])
+    choices: list[Choice] = []
     try:
-        choices: list[Choice] = []
-        async for keepalive, done in inference.wait_with_keepalive(
-            _sample_choices(model, item, gen.stop), ": keep-alive\n\n"
-        ):
-            if keepalive:
-                yield keepalive
-            elif done is not None:
-                choices = done
+        async for event in inference.stream(model, [item], gen.stop):
+            if event is None:
+                yield KEEPALIVE
+            elif isinstance(event, inference.Finished):
+                choices = event.choices
+            elif event.text or (body.logprobs and event.pieces):
+                logprobs = _chat_logprobs(model, event.pieces) if body.logprobs else None
+                delta = ChunkDelta(content=event.text)
+                yield chunk([ChunkChoice(index=event.index, delta=delta, logprobs=logprobs)])
     except InferenceError as exc:
         yield _data(render_error(exc).body.decode())
         return
     for i, c in enumerate(choices):
-        for piece in c.pieces:
-            logprobs = _chat_logprobs(model, [piece]) if body.logprobs else None
-            if piece.text or logprobs:
-                delta = ChunkDelta(content=piece.text)
-                yield chunk([ChunkChoice(index=i, delta=delta, logprobs=logprobs)])
         yield chunk([ChunkChoice(index=i, delta=ChunkDelta(), finish_reason=c.finish)])
     if usage_field:
         yield chunk([], _usage(len(item.prompt), choices))
     yield _data("[DONE]")
-
-
-async def _sample_choices(model: Model, item: SampleInput, stop: Sequence[str]) -> list[Choice]:
-    outputs = await inference.generate(model, [item])
-    return await inference.choices(model, outputs, stop)
 
 
 @router.post("/completions", response_model=None)
@@ -493,8 +487,10 @@ async def _completion_stream(
     completion_id: str,
     created: int,
 ) -> AsyncIterator[str]:
-    """`text_completion` chunks: per choice (index = prompt × n + sample), one per token, then
-    its finish chunk; the usage chunk if asked for; `[DONE]`."""
+    """`text_completion` chunks: with echo, each choice's prompt text at once (index = prompt ×
+    n + sample); text deltas as the tokens are sampled (choices interleaved; with logprobs,
+    each token's in the chunk where its text starts, `text_offset` counted from the start of
+    the completion); a finish chunk per choice; the usage chunk if asked for; `[DONE]`."""
     usage_field = body.include_usage()
 
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
@@ -503,40 +499,30 @@ async def _completion_stream(
         )
         return _data(out.model_dump_json(exclude=None if usage_field else {"usage"}))
 
+    def text(index: int, text: str, logprobs: LegacyLogprobs | None = None) -> str:
+        return chunk(
+            [CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=None)]
+        )
+
+    for i in range(len(items) * gen.n):
+        if echoes[i // gen.n]:
+            yield text(i, echoes[i // gen.n])
+    choices: list[Choice] = []
     try:
-        choices: list[Choice] = []
-
-        async def work() -> list[Choice]:
-            outputs = await inference.generate(model, items)
-            return await inference.choices(model, outputs, gen.stop)
-
-        async for keepalive, done in inference.wait_with_keepalive(work(), ": keep-alive\n\n"):
-            if keepalive:
-                yield keepalive
-            elif done is not None:
-                choices = done
+        async for event in inference.stream(model, items, gen.stop):
+            if event is None:
+                yield KEEPALIVE
+            elif isinstance(event, inference.Finished):
+                choices = event.choices
+            elif event.text or (body.logprobs is not None and event.pieces):
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = _legacy_logprobs(model, event.pieces, event.offset)
+                yield text(event.index, event.text, logprobs)
     except InferenceError as exc:
         yield _data(render_error(exc).body.decode())
         return
     for i, c in enumerate(choices):
-        if echoes[i // gen.n]:
-            yield chunk(
-                [
-                    CompletionChoice(
-                        index=i, text=echoes[i // gen.n], logprobs=None, finish_reason=None
-                    )
-                ]
-            )
-        for piece in c.pieces:
-            logprobs = _legacy_logprobs(model, [piece]) if body.logprobs is not None else None
-            if piece.text or logprobs:
-                yield chunk(
-                    [
-                        CompletionChoice(
-                            index=i, text=piece.text, logprobs=logprobs, finish_reason=None
-                        )
-                    ]
-                )
         yield chunk([CompletionChoice(index=i, text="", logprobs=None, finish_reason=c.finish)])
     if usage_field:
         yield chunk([], _usage(sum(len(item.prompt) for item in items), choices))
@@ -571,10 +557,13 @@ def _chat_logprobs(model: Model, pieces: Sequence[inference.Piece]) -> ChoiceLog
     return ChoiceLogprobs(content=content)
 
 
-def _legacy_logprobs(model: Model, pieces: Sequence[inference.Piece]) -> LegacyLogprobs:
+def _legacy_logprobs(
+    model: Model, pieces: Sequence[inference.Piece], offset: int = 0
+) -> LegacyLogprobs:
     """The completions endpoint's `logprobs`: tokens, their logprobs, the top-K as
-    `{token: logprob}` (with the sampled token, as OpenAI), and each token's text offset."""
-    tokens, top, offsets, offset = [], [], [], 0
+    `{token: logprob}` (with the sampled token, as OpenAI), and each token's text offset
+    (the first's: `offset`)."""
+    tokens, top, offsets = [], [], []
     for p in pieces:
         text = inference.token_text(model, p.token)
         alternatives = {inference.token_text(model, t): lp for t, lp in p.top}

@@ -4,7 +4,10 @@ A checkpoint directory holds:
 
 * `adapter_config.json` and `adapter_model.safetensors`: what `peft.PeftModel.from_pretrained`
   reads, so a checkpoint works directly with PEFT, vLLM and friends. Tensor names are PEFT's
-  saved names, `base_model.model.<module path>.lora_A.weight` (no adapter name).
+  saved names, `base_model.model.<module path>.lora_A.weight` (no adapter name). MoE experts'
+  fused 3-D weights are PEFT `target_parameters` (e.g. `experts.gate_up_proj`); their tensors
+  sit under PEFT's nested wrappers (`...experts.base_layer.lora_A.weight`), shape [r*E, in] /
+  [out, r*E]. tinkerd's own short name for such a target is `experts/gate_up_proj`.
 * `tinkerd.json`: the Tinker LoRA options (train_attn/mlp/unembed, seed) that PEFT's config
   can't express, so the exact adapter can be rebuilt. Absent in plain PEFT adapters (external
   uploads); then the options are inferred from the tensor names.
@@ -26,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tinkerd.checkpoints.atomic import atomic_dir, remove_dir
-from tinkerd.constants import module_kind
+from tinkerd.constants import EXPERT_TARGET_SEP, NON_TEXT_MODULES, module_kind
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -38,6 +41,14 @@ PEFT_PREFIX = "base_model.model."
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 FORMAT_VERSION = 1
 
+# Linear names that PEFT (>= 0.18 on transformers 5) rewrites, in `target_modules`, into expert
+# `target_parameters` for MoE model types whose experts were fused in transformers 5 (its v4->v5
+# adapter conversion: qwen2_moe-like and mixtral models; `gate` is their v4 router). In an adapter
+# that targets experts, tinkerd lists such Linears as `target_parameters` `<name>.weight`
+# instead (same math and tensor names under PEFT's ParamWrapper), so PEFT keeps the dense and
+# shared-expert MLP LoRA instead of dropping it.
+PEFT_MOE_RENAMED = frozenset({"gate", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"})
+
 
 @dataclass(frozen=True)
 class AdapterInfo:
@@ -45,7 +56,8 @@ class AdapterInfo:
 
     rank: int
     alpha: float
-    target_modules: tuple[str, ...]  # short names, as PEFT's `target_modules`
+    # Short names, as PEFT's `target_modules`; parameter targets as `experts/gate_up_proj`.
+    target_modules: tuple[str, ...]
     base_model: str
     train_attn: bool = True
     train_mlp: bool = True
@@ -67,16 +79,41 @@ class SavedAdapter:
     metadata: dict[str, Any] = field(default_factory=dict)  # free-form, JSON-serialisable
 
 
+def peft_targets(targets: tuple[str, ...] | list[str]) -> tuple[list[str], list[str] | None]:
+    """(target_modules, target_parameters) for PEFT from tinkerd's short target names."""
+    params = sorted(t.replace(EXPERT_TARGET_SEP, ".") for t in targets if EXPERT_TARGET_SEP in t)
+    linears = [t for t in targets if EXPERT_TARGET_SEP not in t]
+    if not params:
+        return sorted(linears), None
+    params += [f"{t}.weight" for t in linears if t in PEFT_MOE_RENAMED]
+    return sorted(t for t in linears if t not in PEFT_MOE_RENAMED), sorted(params)
+
+
+def tinkerd_targets(config: dict[str, Any]) -> tuple[str, ...]:
+    """tinkerd's short target names from a PEFT config's target_modules / target_parameters."""
+    targets = list(config.get("target_modules") or [])
+    for param in config.get("target_parameters") or []:
+        module, _, name = param.rpartition(".")
+        if name == "weight" and module and "." not in module:
+            targets.append(module)  # a Linear's weight (see PEFT_MOE_RENAMED)
+        elif module:
+            targets.append(f"{module.rpartition('.')[2]}{EXPERT_TARGET_SEP}{name}")
+        else:
+            raise ValueError(f"target_parameters entry {param!r} is not supported")
+    return tuple(targets)
+
+
 def peft_config(info: AdapterInfo) -> dict[str, Any]:
     """The adapter_config.json PEFT 0.21 writes for a plain LoRA (unset options at defaults)."""
     alpha: float | int = int(info.alpha) if float(info.alpha).is_integer() else info.alpha
+    target_modules, target_parameters = peft_targets(info.target_modules)
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": info.base_model,
         "r": info.rank,
         "lora_alpha": alpha,
-        "target_modules": sorted(info.target_modules),
+        "target_modules": target_modules,
         "lora_dropout": 0.0,
         "bias": "none",
         "inference_mode": True,
@@ -91,7 +128,7 @@ def peft_config(info: AdapterInfo) -> dict[str, Any]:
         "rank_pattern": {},
         "alpha_pattern": {},
         "exclude_modules": None,
-        "target_parameters": None,
+        "target_parameters": target_parameters,
         "trainable_token_indices": None,
         # Our lm_head LoRA leaves the (possibly tied) base weight shared and adds nothing to
         # embed_tokens. With True, PEFT 0.21 would also put a LoRA on embed_tokens (absent from
@@ -116,7 +153,7 @@ def save_adapter(directory: Path, adapter: SavedAdapter, *, overwrite: bool = Fa
         if adapter.optimizer is not None:
             moments = {k: _plain(v) for k, v in adapter.optimizer.items()}
             save_file(moments, str(tmp / OPTIMIZER_FILE), metadata={"format": "pt"})
-        _write_json(tmp / CONFIG_FILE, peft_config(info))
+        _write_json(tmp / CONFIG_FILE, _exclude_non_text(peft_config(info), adapter.weights))
         own = {
             "format_version": FORMAT_VERSION,
             "rank": info.rank,
@@ -155,13 +192,16 @@ def read_adapter_info(directory: Path) -> AdapterInfo:
             seed=own.get("seed"),
             has_optimizer=bool(own.get("has_optimizer")),
         )
-    targets = config["target_modules"]
-    if isinstance(targets, str):
+    if isinstance(config["target_modules"], str):
         raise ValueError(f"{directory / CONFIG_FILE}: regex target_modules are not supported")
+    try:
+        targets = tinkerd_targets(config)
+    except ValueError as exc:
+        raise ValueError(f"{directory / CONFIG_FILE}: {exc}") from exc
     return AdapterInfo(
         rank=int(config["r"]),
         alpha=float(config["lora_alpha"]),
-        target_modules=tuple(targets),
+        target_modules=targets,
         base_model=str(config.get("base_model_name_or_path") or ""),
         has_optimizer=(directory / OPTIMIZER_FILE).exists(),
         # Refined from tensor names by load_adapter; a plain PEFT config can't say.
@@ -238,6 +278,16 @@ def checkpoint_exists(directory: Path) -> bool:
 def checkpoint_size(directory: Path) -> int:
     """Total bytes of the files in a checkpoint directory (the API's `size_bytes`)."""
     return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
+
+
+def _exclude_non_text(config: dict[str, Any], weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """For a multimodal model (its text stack under `language_model`), keep PEFT's short-name
+    `target_modules` off the vision tower and projector, as tinkerd's LoRA is (module_kind):
+    Qwen2.5-VL's vision MLP is also called gate/up/down_proj, SigLIP's attention q/k/v_proj."""
+    if config.get("exclude_modules") or not any("language_model" in k.split(".") for k in weights):
+        return config
+    names = "|".join(sorted(NON_TEXT_MODULES))
+    return {**config, "exclude_modules": rf"(.*\.)?({names})(\..*)?"}
 
 
 def _plain(tensor: torch.Tensor) -> torch.Tensor:

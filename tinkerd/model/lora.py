@@ -6,6 +6,13 @@ segments of the batch's first dimension and the adapter each segment uses (rows 
 adapter, so each adapter's low-rank matmuls are one call per layer). Rows whose adapter is None
 run the plain base model. Gradients reach only the adapter a row used, because that adapter's
 parameters are the only ones on the row's path.
+
+MoE models' routed experts (fused 3-D parameters in a transformers `*Experts` module) are wrapped
+in a `LoraExperts` (tinkerd/model/moe_lora.py) instead, with one LoRA pair per expert and
+projection, PEFT's `target_parameters` layout. Such a target is named `<module path>/<parameter>`
+(`EXPERT_TARGET_SEP`), e.g. `model.layers.0.mlp.experts/gate_up_proj`; its tensors carry PEFT's
+saved names (`...experts.base_layer.lora_A.weight` for the inner of PEFT's nested wrappers).
+Routers are not adapted (they are not `nn.Linear` in transformers 5).
 """
 
 import math
@@ -17,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinkerd.constants import module_kind
+from tinkerd.constants import EXPERT_TARGET_SEP, module_kind
+from tinkerd.model.moe_lora import LoraExperts, expert_param_names
 
 
 @dataclass(frozen=True)
@@ -154,32 +162,65 @@ class Adapter:
 
 
 class MultiLoraModel:
-    """Wraps a causal LM's attention, MLP and unembedding Linears with LoraLinear, in place."""
+    """Wraps a causal LM's attention, MLP and unembedding Linears with LoraLinear, and its MoE
+    experts modules with LoraExperts, in place."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.routing = Routing()
         self.layers: dict[str, LoraLinear] = {}
+        # Experts module path -> its wrapper; targets `<path>/<parameter>` live in `kinds`.
+        self.expert_layers: dict[str, LoraExperts] = {}
         self.kinds: dict[str, str] = {}
         self.adapters: dict[str, Adapter] = {}
         unembed = model.get_output_embeddings()
         for path, module in list(model.named_modules()):
-            if not isinstance(module, nn.Linear):
-                continue
-            kind = "unembed" if module is unembed else module_kind(path)
-            if kind is None:
-                continue
-            wrapper = LoraLinear(module, self.routing)
+            if isinstance(module, nn.Linear):
+                kind = "unembed" if module is unembed else module_kind(path)
+                if kind is None:
+                    continue
+                wrapper = LoraLinear(module, self.routing)
+                self.layers[path] = wrapper
+                self.kinds[path] = kind
+            else:
+                names = expert_param_names(module) if path else []
+                if not names or module_kind(f"{path}.{names[0]}") != "mlp":
+                    continue
+                wrapper = LoraExperts(module, self.routing, names)
+                self.expert_layers[path] = wrapper
+                for name in names:
+                    self.kinds[f"{path}{EXPERT_TARGET_SEP}{name}"] = "mlp"
             parent_path, _, child = path.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
             setattr(parent, child, wrapper)
-            self.layers[path] = wrapper
-            self.kinds[path] = kind
 
     def target_paths(self, config: LoraConfig) -> list[str]:
         wanted = {"attn": config.train_attn, "mlp": config.train_mlp}
         wanted["unembed"] = config.train_unembed
-        return [p for p in self.layers if wanted[self.kinds[p]]]
+        return [p for p in self.kinds if wanted[self.kinds[p]]]
+
+    def peft_module_path(self, target: str) -> str:
+        """The module path of `target`'s tensors in PEFT's saved names (`<it>.lora_A.weight`)."""
+        path, sep, name = target.partition(EXPERT_TARGET_SEP)
+        return self.expert_layers[path].peft_module_path(path, name) if sep else target
+
+    def _shape(self, target: str, rank: int) -> tuple[tuple[int, int], tuple[int, int], int]:
+        """(A shape, B shape, in_features) of `target`'s LoRA pair at `rank` (PEFT's layout:
+        experts stack their per-expert pairs as A [rank*E, in], B [out, rank*E])."""
+        path, sep, name = target.partition(EXPERT_TARGET_SEP)
+        if sep:
+            layer = self.expert_layers[path]
+            fan_in, fan_out = layer.in_out(name)
+            stacked = rank * layer.num_experts
+            return (stacked, fan_in), (fan_out, stacked), fan_in
+        linear = self.layers[target]
+        return (rank, linear.in_features), (linear.out_features, rank), linear.in_features
+
+    def _device(self, target: str) -> torch.device:
+        path, sep, name = target.partition(EXPERT_TARGET_SEP)
+        if sep:
+            return getattr(self.expert_layers[path].base, name).device
+        return self.layers[target].weight.device
 
     def add_adapter(self, adapter_id: str, config: LoraConfig) -> Adapter:
         """Create an adapter: A from a seeded Kaiming-uniform init (as PEFT), B zero."""
@@ -191,30 +232,42 @@ class MultiLoraModel:
         else:
             gen.seed()  # fresh entropy, without reseeding torch's global RNG
         params: dict[str, nn.Parameter] = {}
-        for path in self.target_paths(config):
-            layer = self.layers[path]
-            device = layer.weight.device
-            a = torch.empty(config.rank, layer.in_features)
-            bound = 1.0 / math.sqrt(layer.in_features)  # kaiming_uniform_(a=sqrt(5)) bound
+        for target in self.target_paths(config):
+            a_shape, b_shape, fan_in = self._shape(target, config.rank)
+            device = self._device(target)
+            a = torch.empty(a_shape)
+            bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=sqrt(5)) bound
             a.uniform_(-bound, bound, generator=gen)
-            b = torch.zeros(layer.out_features, config.rank)
-            params[f"{path}.lora_A.weight"] = nn.Parameter(a.to(device))
-            params[f"{path}.lora_B.weight"] = nn.Parameter(b.to(device))
+            b = torch.zeros(b_shape)
+            name = self.peft_module_path(target)
+            params[f"{name}.lora_A.weight"] = nn.Parameter(a.to(device))
+            params[f"{name}.lora_B.weight"] = nn.Parameter(b.to(device))
         adapter = Adapter(adapter_id, config, params)
         self._attach(adapter)
         return adapter
 
     def _attach(self, adapter: Adapter) -> None:
         self.adapters[adapter.adapter_id] = adapter
-        for path in self.target_paths(adapter.config):
-            a = adapter.params[f"{path}.lora_A.weight"]
-            b = adapter.params[f"{path}.lora_B.weight"]
-            self.layers[path].adapters[adapter.adapter_id] = (a, b, adapter.config.scaling)
+        scaling = adapter.config.scaling
+        for target in self.target_paths(adapter.config):
+            name = self.peft_module_path(target)
+            pair = (
+                adapter.params[f"{name}.lora_A.weight"],
+                adapter.params[f"{name}.lora_B.weight"],
+            )
+            path, sep, param = target.partition(EXPERT_TARGET_SEP)
+            if sep:
+                experts = self.expert_layers[path].adapters.setdefault(adapter.adapter_id, {})
+                experts[param] = (*pair, scaling)
+            else:
+                self.layers[target].adapters[adapter.adapter_id] = (*pair, scaling)
 
     def remove_adapter(self, adapter_id: str) -> None:
         self.adapters.pop(adapter_id)
         for layer in self.layers.values():
             layer.adapters.pop(adapter_id, None)
+        for experts in self.expert_layers.values():
+            experts.adapters.pop(adapter_id, None)
 
     def load_weights(self, adapter_id: str, tensors: dict[str, torch.Tensor]) -> None:
         """Copy PEFT-named tensors into an adapter (shapes must match its config)."""

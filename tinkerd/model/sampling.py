@@ -283,7 +283,9 @@ def sample(
         attn[i, width - len(r.prompt) :] = 1
     ids, attn = ids.to(device), attn.to(device)
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
+    # With the config the cache has a layer of the right kind per decoder layer: linear-
+    # attention layers (Qwen3.5) keep their conv/recurrent state, sliding ones their window.
+    cache = DynamicCache(config=lora.model.config)
     with lora.route(segments_for([r.adapter_id for r in reqs])):
         hidden = body(lora.model)(
             input_ids=ids,
