@@ -14,7 +14,16 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-import transformers as tf
+from lineup.families import (
+    Builder,
+    build,
+    gemma3,
+    qwen2_5_vl,
+    qwen3_5,
+    qwen3_5_moe,
+    qwen3_vl,
+    qwen3_vl_moe,
+)
 from transformers import AutoConfig, GenerationConfig
 
 from tinkerd.checkpoints.peft_format import save_adapter
@@ -23,125 +32,11 @@ from tinkerd.engine.adapter_files import to_saved
 from tinkerd.model.loading import BaseModel, load_base_model, model_class
 from tinkerd.model.lora import LoraConfig, segments_for
 from tinkerd.model.optimizer import AdamParams
-from tinkerd.model.tiny import tiny_tokenizer
 from tinkerd.model.types import Datum, ForwardBackwardInput, SampleInput, SamplingParams
 from tinkerd.model.worker import ModelWorker
 
-SPECIAL = {"bos_token_id": 257, "eos_token_id": 258, "pad_token_id": 256}
-TEXT = {
-    "vocab_size": 320,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "max_position_embeddings": 512,
-    **SPECIAL,
-}
-QWEN_VL_IDS = {
-    "image_token_id": 300,
-    "video_token_id": 301,
-    "vision_start_token_id": 302,
-    "vision_end_token_id": 303,
-}
-# M-RoPE over head_dim 16: 8 rotary pairs split into (temporal, height, width) sections.
-MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-QWEN_VISION = {
-    "depth": 1,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_heads": 2,
-    "out_hidden_size": 64,
-}
-LINEAR_ATTN = {
-    "linear_key_head_dim": 16,
-    "linear_value_head_dim": 16,
-    "linear_num_key_heads": 2,
-    "linear_num_value_heads": 4,
-    "layer_types": ["linear_attention", "full_attention"],
-    "tie_word_embeddings": False,
-}
-MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
-
-
-def qwen2_5_vl() -> tuple[type, object]:
-    text = {k: v for k, v in TEXT.items() if k != "head_dim"}  # 64 / 4 heads = 16
-    return tf.Qwen2_5_VLForConditionalGeneration, tf.Qwen2_5_VLConfig(
-        text_config={**text, "rope_parameters": dict(MROPE)},
-        vision_config={
-            **QWEN_VISION,
-            "fullatt_block_indexes": [0],
-            "window_size": 28,
-            "patch_size": 14,
-        },
-        **QWEN_VL_IDS,
-        **SPECIAL,
-    )
-
-
-def qwen3_vl() -> tuple[type, object]:
-    return tf.Qwen3VLForConditionalGeneration, tf.Qwen3VLConfig(
-        text_config={**TEXT, "rope_parameters": {**MROPE, "mrope_interleaved": True}},
-        vision_config={
-            **QWEN_VISION,
-            "num_position_embeddings": 16,
-            "deepstack_visual_indexes": [0],
-        },
-        **QWEN_VL_IDS,
-    )
-
-
-def qwen3_vl_moe() -> tuple[type, object]:
-    return tf.Qwen3VLMoeForConditionalGeneration, tf.Qwen3VLMoeConfig(
-        text_config={**TEXT, **MOE, "rope_parameters": {**MROPE, "mrope_interleaved": True}},
-        vision_config={
-            **QWEN_VISION,
-            "num_position_embeddings": 16,
-            "deepstack_visual_indexes": [0],
-        },
-        **QWEN_VL_IDS,
-    )
-
-
-def gemma3() -> tuple[type, object]:
-    return tf.Gemma3ForConditionalGeneration, tf.Gemma3Config(
-        text_config={**TEXT, "sliding_window": 8, "query_pre_attn_scalar": 16},
-        vision_config={
-            "model_type": "siglip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "image_size": 56,
-            "patch_size": 14,
-        },
-        mm_tokens_per_image=4,
-        image_token_index=300,
-        boi_token_index=301,
-        eoi_token_index=302,
-        **SPECIAL,
-    )
-
-
-def qwen3_5() -> tuple[type, object]:
-    """A Qwen3.5 checkpoint as shipped (the multimodal class); it loads text-only."""
-    return tf.Qwen3_5ForConditionalGeneration, tf.Qwen3_5Config(
-        text_config={**TEXT, **LINEAR_ATTN},
-        vision_config={**QWEN_VISION, "num_position_embeddings": 16},
-        **QWEN_VL_IDS,
-    )
-
-
-def qwen3_5_moe() -> tuple[type, object]:
-    return tf.Qwen3_5MoeForConditionalGeneration, tf.Qwen3_5MoeConfig(
-        text_config={**TEXT, **LINEAR_ATTN, **MOE, "shared_expert_intermediate_size": 32},
-        vision_config={**QWEN_VISION, "num_position_embeddings": 16},
-        **QWEN_VL_IDS,
-    )
-
-
-VL_FAMILIES: dict[str, Callable[[], tuple[type, object]]] = {
+# The VL families of the lineup (tests/lineup/families.py).
+VL_FAMILIES: dict[str, Builder] = {
     "qwen2_5_vl": qwen2_5_vl,
     "qwen3_vl": qwen3_vl,
     "qwen3_vl_moe": qwen3_vl_moe,
@@ -157,21 +52,6 @@ EXPECTED_CLASS = {
     "qwen3_5_moe": "Qwen3_5MoeForCausalLM",
 }
 TEXTS = ["The quick brown fox jumps over", "Hello"]
-
-
-def build(family: Callable[[], tuple[type, object]], path: Path) -> Path:
-    cls, config = family()
-    torch.manual_seed(0)
-    model = cls(config)
-    # Larger-than-default init so logits are far from uniform and greedy decoding is stable.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.08)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 _built: dict[str, Path] = {}

@@ -9,16 +9,9 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from lineup.families import VOCAB, build, deepseek_v3, gpt_oss, qwen3_moe
 from numerics import assert_close_scaled
 from torch import nn
-from transformers import (
-    DeepseekV3Config,
-    DeepseekV3ForCausalLM,
-    GptOssConfig,
-    GptOssForCausalLM,
-    Qwen3MoeConfig,
-    Qwen3MoeForCausalLM,
-)
 
 from tinkerd.checkpoints.peft_format import peft_targets, read_adapter_info
 from tinkerd.engine.adapter_files import read_adapter, write_adapter
@@ -26,65 +19,11 @@ from tinkerd.model.loading import BaseModel, load_base_model
 from tinkerd.model.lora import Adapter, LoraConfig, MultiLoraModel, segments_for
 from tinkerd.model.moe_lora import LoraExperts
 from tinkerd.model.optimizer import AdamParams
-from tinkerd.model.tiny import tiny_tokenizer
 from tinkerd.model.types import Datum, ForwardBackwardInput, SampleInput, SamplingParams
 from tinkerd.model.worker import ModelWorker
 
-VOCAB = 300
-SIZES = {
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "vocab_size": VOCAB,
-    "num_experts_per_tok": 2,
-    "pad_token_id": 256,
-    "bos_token_id": 257,
-    "eos_token_id": 258,
-    "tie_word_embeddings": False,
-}
-FAMILIES = {
-    "qwen3_moe": (
-        Qwen3MoeForCausalLM,
-        lambda: Qwen3MoeConfig(
-            **SIZES,
-            intermediate_size=64,
-            moe_intermediate_size=32,
-            num_key_value_heads=2,
-            head_dim=16,
-            num_experts=4,
-        ),
-    ),
-    "gpt_oss": (
-        GptOssForCausalLM,
-        lambda: GptOssConfig(
-            **SIZES,
-            intermediate_size=32,
-            num_key_value_heads=2,
-            head_dim=16,
-            num_local_experts=4,
-            sliding_window=8,
-        ),
-    ),
-    "deepseek_v3": (
-        DeepseekV3ForCausalLM,
-        lambda: DeepseekV3Config(
-            **SIZES,
-            intermediate_size=64,
-            moe_intermediate_size=32,
-            num_key_value_heads=4,
-            n_routed_experts=4,
-            n_shared_experts=1,
-            first_k_dense_replace=1,
-            q_lora_rank=32,
-            kv_lora_rank=16,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=8,
-            v_head_dim=16,
-            n_group=1,
-            topk_group=1,
-        ),
-    ),
-}
+# The MoE families of the lineup (tests/lineup/families.py).
+FAMILIES = {"qwen3_moe": qwen3_moe, "gpt_oss": gpt_oss, "deepseek_v3": deepseek_v3}
 # Expert parameters (tinkerd's short names) and the MLP Linears train_mlp adapts per family.
 EXPERT_TARGETS = {"experts/gate_up_proj", "experts/down_proj"}
 MLP_LINEARS = {
@@ -97,20 +36,7 @@ MLP_LINEARS = {
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def moe_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-init MoE model of one family, saved with the byte-level tokenizer."""
-    cls, make_config = FAMILIES[request.param]
-    torch.manual_seed(0)
-    config = make_config()
-    model = cls(config)
-    with torch.no_grad():  # larger than default init: outputs far from uniform
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.08)
-            elif name.endswith("_bias"):  # gpt-oss expert biases: non-zero, so they count
-                p.normal_(0.0, 0.05)
-    path = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return build(FAMILIES[request.param], tmp_path_factory.mktemp(request.param))
 
 
 @pytest.fixture

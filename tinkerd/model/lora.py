@@ -2,10 +2,12 @@
 
 Each targeted `nn.Linear` is wrapped in a `LoraLinear` that holds a reference to every adapter's
 (A, B) pair for that layer. Before a forward pass the caller sets the routing: contiguous
-segments of the batch's first dimension and the adapter each segment uses (rows are sorted by
-adapter, so each adapter's low-rank matmuls are one call per layer). Rows whose adapter is None
-run the plain base model. Gradients reach only the adapter a row used, because that adapter's
-parameters are the only ones on the row's path.
+segments of the batch's rows and the adapter each segment uses (rows are sorted by adapter, so
+each adapter's low-rank matmuls are one call per layer). A layer called on tokens flattened to
+(rows × seq, hidden), as Qwen3.5-MoE's shared expert is, maps the row segments to token ranges
+(`token_ranges`, shared with the experts). Rows whose adapter is None run the plain base model.
+Gradients reach only the adapter a row used, because that adapter's parameters are the only
+ones on the row's path.
 
 MoE models' routed experts (fused 3-D parameters in a transformers `*Experts` module) are wrapped
 in a `LoraExperts` (tinkerd/model/moe_lora.py) instead, with one LoRA pair per expert and
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinkerd.constants import EXPERT_TARGET_SEP, module_kind
-from tinkerd.model.moe_lora import LoraExperts, expert_param_names
+from tinkerd.model.moe_lora import LoraExperts, expert_param_names, token_ranges
 
 
 @dataclass(frozen=True)
@@ -99,9 +101,12 @@ class LoraLinear(nn.Module):
             return out + self._delta(x, pairs[0], out.dtype)
         if self._uniform(segments, pairs):
             return out + self._batched_delta(x, pairs, len(segments), out.dtype)
+        # Rows of a (rows, seq, in) input, or their token ranges when the module sees tokens
+        # flattened to (rows × seq, in) (e.g. Qwen3.5-MoE's shared expert).
+        ranges = token_ranges(segments, x.shape[0])
         # split/cat rather than slicing: the backward of a slice zero-fills a full-size
         # gradient per segment, the backward of split is a single concatenation.
-        parts = x.split([s.end - s.start for s in segments])
+        parts = x.split([end - start for start, end in ranges])
         deltas = [
             self._delta(part, pair, out.dtype)
             if pair is not None

@@ -11,12 +11,12 @@ per-adapter tensors in PEFT's flat layout, lora_A [r*E, in] (expert e: rows e*r.
 lora_B [out, r*E] (expert e: columns e, E+e, 2E+e, ...), so they save and load as PEFT's.
 
 Multi-tenant: the routing `Segment`s are rows of the batch; a row of the (rows, seq) batch is
-tokens [start*seq, end*seq) of the flattened input. Token-expert pairs are sorted by (expert,
-adapter): the base projection is one matmul per expert that got tokens (as transformers' own
-grouped kernels), and each adapter's low-rank delta one pair of matmuls per non-empty
-(expert, adapter) group. Tokens of rows without an adapter get the base projection only.
-When no row has an adapter on this layer the wrapped module runs unchanged (its configured
-experts implementation).
+tokens [start*seq, end*seq) of the flattened input (`token_ranges`, which `LoraLinear` uses
+too). Token-expert pairs are sorted by (expert, adapter): the base projection is one matmul per
+expert that got tokens (as transformers' own grouped kernels), and each adapter's low-rank delta
+one pair of matmuls per non-empty (expert, adapter) group. Tokens of rows without an adapter
+get the base projection only. When no row has an adapter on this layer the wrapped module runs
+unchanged (its configured experts implementation).
 """
 
 from typing import TYPE_CHECKING
@@ -34,6 +34,20 @@ EXPERT_LAYOUTS = (("gate_up_proj", "down_proj"), ("up_proj", "down_proj"))
 
 # (A [r*E, in], B [out, r*E], scaling), PEFT's flat layout.
 LoraPair = tuple[torch.Tensor, torch.Tensor, float]
+
+
+def token_ranges(segments: "list[Segment]", leading: int) -> list[tuple[int, int]]:
+    """Each routing segment's [start, end) along an input's leading dimension of size `leading`.
+
+    Segments count rows of the (rows, seq) batch. A module called on (rows, seq, ...) sees them
+    as they are; one called on tokens flattened to (rows × seq, ...) (routed experts, and the
+    shared experts of Qwen2-MoE-like blocks) sees row r as tokens [r·seq, (r+1)·seq). Any
+    leading size that is a multiple of the rows maps that way (a multiple of 1 for the former)."""
+    rows = segments[-1].end if segments else 0
+    if rows <= 0 or leading % rows:
+        raise ValueError(f"{leading} tokens do not split into the routing's {rows} rows")
+    per_row = leading // rows
+    return [(s.start * per_row, s.end * per_row) for s in segments]
 
 
 def expert_param_names(module: nn.Module) -> list[str]:
@@ -105,10 +119,7 @@ class LoraExperts(nn.Module):
         if hidden_states.dim() != 2:
             raise ValueError(f"experts expect (tokens, hidden), got {tuple(hidden_states.shape)}")
         tokens = hidden_states.shape[0]
-        rows = segments[-1].end
-        if rows <= 0 or tokens % rows:
-            raise ValueError(f"{tokens} tokens do not split into the routing's {rows} rows")
-        seq = tokens // rows
+        ranges = token_ranges(segments, tokens)
         device = hidden_states.device
         n_experts = self.num_experts
         top_k = top_k_index.shape[-1]
@@ -123,9 +134,9 @@ class LoraExperts(nn.Module):
                 slot_loras.append(loras)
         n_slots = len(slot_loras)
         token_slot = torch.full((tokens,), n_slots, dtype=torch.long, device=device)
-        for seg, loras in zip(segments, active, strict=True):
+        for seg, (start, end), loras in zip(segments, ranges, active, strict=True):
             if loras is not None:
-                token_slot[seg.start * seq : seg.end * seq] = slot_of[seg.adapter_id]
+                token_slot[start:end] = slot_of[seg.adapter_id]
 
         # Token-expert pairs sorted by (expert, slot): experts are contiguous blocks (one base
         # matmul each), (expert, slot) groups contiguous inside them (one LoRA pair each).
