@@ -17,6 +17,8 @@ bench_app = typer.Typer(help="Benchmarks (each prints a JSON line of figures las
 app.add_typer(bench_app, name="bench")
 keys_app = typer.Typer(help="API keys: users of this server (see README, Users and API keys).")
 app.add_typer(keys_app, name="keys")
+export_app = typer.Typer(help="Export a checkpoint for other runtimes (reads the data dir).")
+app.add_typer(export_app, name="export")
 
 DataDirOption = Annotated[
     Path | None, typer.Option(help="Data directory [env: TINKERD_DATA_DIR]", show_default=False)
@@ -471,6 +473,110 @@ def bench_load(
     typer.echo(json.dumps(results))
     if not results["ok"]:
         raise typer.Exit(1)
+
+
+def _export_source(path: str, data_dir: Path | None) -> tuple[Path, "Settings"]:
+    """The checkpoint directory of `path` in the data dir (exit 1 if there is none)."""
+    from tinkerd.checkpoints.paths import TinkerPath
+    from tinkerd.checkpoints.peft_format import checkpoint_exists
+
+    settings = _settings(data_dir=data_dir)
+    try:
+        directory = TinkerPath.parse(path).storage_dir(settings.data_dir / "checkpoints")
+    except ValueError as exc:
+        typer.echo(f"tinkerd: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if not checkpoint_exists(directory):
+        typer.echo(f"tinkerd: no checkpoint {path} in {settings.data_dir}", err=True)
+        raise typer.Exit(1)
+    return directory, settings
+
+
+@export_app.command("merged")
+def export_merged_cmd(
+    path: Annotated[str, typer.Argument(help="tinker://<run>/<kind>/<name>")],
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write (must not exist)")],
+    data_dir: DataDirOption = None,
+    base: Annotated[
+        str | None,
+        typer.Option(
+            help="Base model directory or hub name [default: the checkpoint's base model, "
+            "resolved like `serve --model` (NAME=PATH specs from --model / TINKERD_MODELS)]",
+            show_default=False,
+        ),
+    ] = None,
+    model: Annotated[
+        list[str] | None, typer.Option(help="NAME=PATH as for `serve` (repeatable)")
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="float32 | bfloat16 | float16 [default: the base model's dtype]"),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT_DIR")] = False,
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help="Allow the base model's own code")
+    ] = False,
+) -> None:
+    """Write the base model with the adapter merged, as a Hugging Face model directory."""
+    from tinkerd.checkpoints.merge import DTYPES, export_merged
+    from tinkerd.checkpoints.peft_format import read_adapter_info
+    from tinkerd.model.loading import resolve_model_path
+
+    directory, settings = _export_source(path, data_dir)
+    if dtype is not None and dtype not in DTYPES:
+        typer.echo(f"tinkerd: --dtype must be one of {', '.join(DTYPES)}", err=True)
+        raise typer.Exit(2)
+    if base is None:
+        base = read_adapter_info(directory).base_model
+        specs = {s.name: s.source for s in _settings(models=model).model_specs()}
+        base = resolve_model_path(specs.get(base, base), settings.data_dir)
+    try:
+        report = export_merged(
+            directory,
+            base,
+            out_dir,
+            checkpoint=path,
+            dtype=dtype,
+            overwrite=overwrite,
+            trust_remote_code=trust_remote_code,
+        )
+    except (FileExistsError, ValueError, OSError) as exc:
+        typer.echo(f"tinkerd: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"{path}: merged {len(report.merged)} targets into {base} -> {out_dir}")
+    for note in report.notes:
+        typer.echo(f"  note: {note}")
+
+
+@export_app.command("peft")
+def export_peft_cmd(
+    path: Annotated[str, typer.Argument(help="tinker://<run>/<kind>/<name>")],
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write (must not exist)")],
+    data_dir: DataDirOption = None,
+    drop_lm_head: Annotated[
+        bool,
+        typer.Option(
+            "--drop-lm-head",
+            help="Leave out an lm_head (unembedding) LoRA, which stock vLLM refuses (the "
+            "adapter's outputs then differ from tinkerd's)",
+        ),
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT_DIR")] = False,
+) -> None:
+    """Write the adapter as PEFT files (for PEFT, vLLM, SGLang) with a note on using them."""
+    from tinkerd.checkpoints.merge import export_peft
+
+    directory, _ = _export_source(path, data_dir)
+    try:
+        report = export_peft(
+            directory, out_dir, checkpoint=path, drop_lm_head=drop_lm_head, overwrite=overwrite
+        )
+    except (FileExistsError, ValueError, OSError) as exc:
+        typer.echo(f"tinkerd: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"{path}: PEFT adapter ({len(report.merged)} targets) -> {out_dir}")
+    for note in report.notes:
+        typer.echo(f"  note: {note}")
 
 
 if __name__ == "__main__":

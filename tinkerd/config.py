@@ -99,6 +99,10 @@ class Settings(BaseSettings):
     # (tinkerd/model/custom_loss.py). Off, the SDK runs them client-side and uploads are
     # refused; losses stored before still run (replays after a restart need them).
     custom_loss_server_side: bool = True
+    # Prometheus `/metrics` (api/metrics.py). Served to loopback clients only, unless a token
+    # is set: then every scrape needs `Authorization: Bearer <metrics_token>`.
+    metrics_enabled: bool = True
+    metrics_token: str | None = None
 
     def model_specs(self) -> list[ModelSpec]:
         """`models`, parsed (ValueError for a malformed NAME=PATH)."""

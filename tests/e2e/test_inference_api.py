@@ -284,12 +284,13 @@ def test_tokens_are_streamed_as_they_are_sampled(oai: openai.OpenAI, server: Ser
     """A long generation's deltas arrive while it runs, not all at its end: the first content
     delta comes before the generation is half done (measured from the request to the last
     delta, so no absolute duration is assumed; sending everything at the end puts the first
-    delta next to the last)."""
+    delta next to the last). 192 tokens on the tiny model: decoding takes several times as long
+    as getting to the first token, so a loaded machine slows both sides alike."""
     for seed in range(20):  # a seed that runs to max_tokens (the tiny model may draw EOS)
         body = {
             "model": server.model,
             "messages": HELLO,
-            "max_tokens": 64,
+            "max_tokens": 192,
             "temperature": 1.0,
             "seed": seed,
         }

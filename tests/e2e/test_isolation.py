@@ -217,6 +217,15 @@ def _trace_export(t: World, o: World, c: httpx.Client, s: Server) -> httpx.Respo
     return c.get(f"/sessions/{t.session_id}/trace_export")
 
 
+@case("GET", "/sessions/{session_id}/trace_export", "session_id", status=403)
+def _trace_download_forged(t: World, o: World, c: httpx.Client, s: Server) -> httpx.Response:
+    """B cannot sign a trace URL for A's session: refused as for a session that doesn't exist."""
+    grant = downloads.DownloadGrant(t.session_id, "session_trace", "tml-iso-a", 2**40)
+    token = downloads.sign(b"not the server's secret, 32 bytes!", grant)
+    url = f"{s.base_url}/api/v1/sessions/{t.session_id}/trace_export"
+    return httpx.get(url, params={"token": token})
+
+
 @case("GET", "/billing/{rest}", "rest")
 def _billing_get(t: World, o: World, c: httpx.Client, s: Server) -> httpx.Response:
     return c.get(f"/billing/{t.session_id}")
@@ -422,6 +431,11 @@ def _delete_external(t: World, o: World, c: httpx.Client, s: Server) -> httpx.Re
 @case("POST", "/weights_info", "tinker_path")
 def _weights_info(t: World, o: World, c: httpx.Client, s: Server) -> httpx.Response:
     return c.post("/weights_info", json={"tinker_path": t.weights})
+
+
+@case("POST", "/export_merged", "path")
+def _export_merged(t: World, o: World, c: httpx.Client, s: Server) -> httpx.Response:
+    return c.post("/export_merged", json={"path": t.weights})
 
 
 @case("POST", "/copy_weights", "source_path")

@@ -569,11 +569,23 @@ _hosted(
     "projects",
     lambda c, a: call(c.rest, "assign_session_project", a, c.session_id(), "proj"),
 )
-_hosted(
+
+
+@entry(
     "RestClient.export_session_trace",
-    "session traces",
-    lambda c, a: call(c.rest, "export_session_trace", a, c.session_id()),
+    SUPPORTED,
+    "a signed URL (one hour, no API key needed) serving the session's Chrome trace-event "
+    "JSON (opens in ui.perfetto.dev): each request with its queue wait and compute, the "
+    "micro-batches and sampling batches it shared; `tinker session export-trace` downloads it",
+    with_async=True,
 )
+def _(c: Ctx, a: bool) -> None:
+    url = call(c.rest, "export_session_trace", a, c.session_id())
+    trace = httpx.get(url, timeout=60).json()
+    names = {e["name"] for e in trace["traceEvents"] if "request_id" in e.get("args", {})}
+    assert {"create_model", "forward_backward", "optim_step"} <= names, names
+
+
 _hosted(
     "RestClient.search_sessions",
     "session search",
@@ -882,7 +894,7 @@ FEATURES = [
         "OpenAI-compatible inference (`/oai/api/v1/chat/completions`, `/completions`, `/models`)",
         SUPPORTED,
         "`model`: base name, `tinker://` path or `<base>;<path>`; the model's chat template; "
-        "streaming (SSE, delivered when the sample completes), n, seed, stop, logprobs, usage; "
+        "streaming (SSE, token by token), n, seed, stop, logprobs, usage; "
         "same keys and isolation (Bearer or `x-api-key`); tests/e2e/test_inference_api.py",
     ),
     (
@@ -890,6 +902,14 @@ FEATURES = [
         SUPPORTED,
         "as OpenAI's: text content, system prompts, streaming events, stop sequences; tools "
         "and images are refused with a 400",
+    ),
+    (
+        "image input (`ImageChunk` in `forward`/`forward_backward`, `sample`, `compute_logprobs`)",
+        SUPPORTED,
+        "Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE); `expected_tokens` checked against the model's "
+        'image processor ("Expected N tokens, got M from image"); png/jpeg, 20 MiB, 25 MP; '
+        "other models, `ImageAssetPointerChunk` and audio answer 400; "
+        "tests/e2e/test_vision_input.py",
     ),
     ("JWT auth (`pjwt_auth_enabled`)", NOT_SUPPORTED, "plain `tml-` API keys, one user per key"),
 ]

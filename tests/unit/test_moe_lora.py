@@ -1,6 +1,7 @@
 """LoRA on MoE experts (Qwen3-MoE, gpt-oss, DeepSeek-V3): train_mlp adapts every routed expert's
 fused 3-D projections as PEFT's `target_parameters` does, with equal logits and gradients, per
-tenant in mixed batches, and checkpoints that PEFT loads."""
+tenant in mixed batches (tests/lineup/test_lineup.py checks those for every family), and
+checkpoints that PEFT loads."""
 
 import copy
 import json
@@ -185,43 +186,6 @@ def test_logits_and_gradients_match_peft(moe_base: BaseModel) -> None:
         want = peft_param(named, name).grad
         assert param.grad is not None and want is not None and want.abs().max() > 0, name
         assert_close_scaled(param.grad, want, terms=terms, msg=name)
-
-
-# Three tenants: different ranks/alphas, different row counts; plus one base-model row.
-TENANTS = {"a": (4, 32.0, 1), "b": (8, 16.0, 2), "c": (2, 8.0, 3)}
-
-
-def test_mixed_tenant_batch_equals_separate_runs(moe_base: BaseModel) -> None:
-    """One forward_backward over rows of three adapters and a base row gives each row the
-    logprobs, and each adapter the gradients, of running that adapter's rows alone."""
-    worker = ModelWorker(moe_base)
-    for i, (aid, (rank, alpha, _)) in enumerate(TENANTS.items()):
-        worker.add_adapter(aid, LoraConfig(rank=rank, alpha=alpha, seed=i))
-        randomize(worker.lora.adapters[aid], seed=50 + i)
-    gen = torch.Generator().manual_seed(3)
-    items = [
-        ForwardBackwardInput(aid, [datum(int(n), gen) for n in torch.randint(5, 14, (rows,))])
-        for aid, (_, _, rows) in TENANTS.items()
-    ]
-    items.insert(1, ForwardBackwardInput(None, [datum(9, gen)]))
-    mixed = worker.forward_backward(items)
-    grads = {
-        aid: {k: p.grad.clone() for k, p in worker.lora.adapters[aid].params.items()}
-        for aid in TENANTS
-    }
-    for aid in TENANTS:
-        worker.zero_grad(aid)
-    for item, out in zip(items, mixed, strict=True):
-        (alone,) = worker.forward_backward([item])
-        for got, want in zip(out.loss_fn_outputs, alone.loss_fn_outputs, strict=True):
-            assert_close_scaled(got["logprobs"], want["logprobs"], terms=VOCAB, msg="logprobs")
-        if item.adapter_id is None:
-            continue
-        tokens = sum(len(d.tokens) for d in item.data)
-        for k, p in worker.lora.adapters[item.adapter_id].params.items():
-            assert p.grad is not None and p.grad.abs().max() > 0, k
-            assert_close_scaled(grads[item.adapter_id][k], p.grad, terms=max(VOCAB, tokens), msg=k)
-    assert all(p.grad is None for p in worker.lora.model.parameters())
 
 
 def test_export_loads_in_peft_and_reimports(moe_base: BaseModel, tmp_path: Path) -> None:

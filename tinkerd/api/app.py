@@ -20,13 +20,22 @@ from tinkerd.api import anthropic_compat, openai_compat
 from tinkerd.api.body_limit import BodySizeLimit
 from tinkerd.api.custom_losses import CustomLosses
 from tinkerd.api.futures import FutureHub
+from tinkerd.api.metrics import (
+    EngineMetrics,
+    Metrics,
+    MetricsMiddleware,
+    ServiceMetrics,
+    metrics_endpoint,
+)
 from tinkerd.api.recovery import start_recovery
 from tinkerd.api.routes import router, skip_rejected_seq, validation_detail
 from tinkerd.api.service import ApiError, Service
+from tinkerd.api.traces import TraceRecorder
 from tinkerd.checkpoints.atomic import cleanup_leftovers
 from tinkerd.config import Settings
 from tinkerd.engine.run_state import RunStates
 from tinkerd.engine.scheduler import ModelScheduler
+from tinkerd.engine.telemetry import Fanout
 from tinkerd.model.loading import load_base_model
 from tinkerd.model.worker import ModelWorker
 from tinkerd.store.store import Store
@@ -117,6 +126,13 @@ def create_app(settings: Settings) -> FastAPI:
             stability_max_bytes=int(settings.stability_records_max_mb * 2**20),
             custom_losses=CustomLosses(store, enabled=settings.custom_loss_server_side),
         )
+        # Metrics and session-trace timings, before recovery queues anything.
+        traces = TraceRecorder()
+        service.hooks = ServiceMetrics(metrics, traces)
+        engine_observer = Fanout(EngineMetrics(metrics), traces)
+        for scheduler in schedulers.values():
+            scheduler.telemetry = engine_observer
+        metrics.watch(schedulers)
         start_recovery(service)
         for scheduler in schedulers.values():
             scheduler.start()
@@ -150,10 +166,16 @@ def create_app(settings: Settings) -> FastAPI:
         store.close()
 
     app = FastAPI(title="tinkerd", version="0.1.0", lifespan=lifespan)
+    metrics = Metrics()  # this app's own registry
+    app.state.metrics = metrics
+    app.state.metrics_enabled = settings.metrics_enabled
+    app.state.metrics_token = settings.metrics_token
+    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
     app.include_router(router)
     app.include_router(openai_compat.router)  # OpenAI-/Anthropic-compatible inference
     app.include_router(anthropic_compat.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every answer
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:

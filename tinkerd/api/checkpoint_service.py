@@ -2,6 +2,7 @@
 publish, delete), expiry, signed download URLs, and copies."""
 
 import hashlib
+import json
 import logging
 import time
 import uuid
@@ -120,10 +121,48 @@ class CheckpointService(ServiceBase):
         expires = int(time.time()) + DOWNLOAD_URL_SECONDS
         secret = self.download_secret()
         urls = {}
-        for relpath in downloads.checkpoint_files(directory):
+        # Not the merged model a REST export caches beside the adapter (merge.MERGED_DIR).
+        for relpath in downloads.checkpoint_files(directory, skip_dirs=("merged",)):
             grant = downloads.DownloadGrant(run_id, rec.checkpoint_id, relpath, expires)
             urls[relpath] = f"{base_url}/api/v1/downloads/{downloads.sign(secret, grant)}"
         return {"urls": urls, "expires": datetime.fromtimestamp(expires, UTC).isoformat()}
+
+    def export_merged(self, user: str, path: str, base_url: str) -> dict[str, Any]:
+        """Signed download URLs (as `external_weights_urls`) for a readable checkpoint's base
+        model with the adapter merged, in Hugging Face format. Merged once, on CPU, into
+        `<checkpoint>/merged/` (checkpoints never change; it goes when the checkpoint goes)."""
+        from tinkerd.checkpoints import merge
+
+        tpath, _ = self.resolve_checkpoint(user, path)
+        directory = tpath.storage_dir(self.checkpoint_root)
+        target = directory / merge.MERGED_DIR
+        if not merge.is_merged_export(target):
+            info = read_adapter_info(directory)
+            scheduler = self.schedulers.get(info.base_model)
+            if scheduler is None:
+                raise ApiError(400, f"base model {info.base_model!r} is not served here")
+            source = getattr(scheduler.worker.base.model, "name_or_path", "") or info.base_model
+            try:
+                merge.export_merged(directory, source, target, checkpoint=str(tpath))
+            except FileExistsError:
+                pass  # written by a concurrent request meanwhile
+            except ValueError as exc:
+                raise ApiError(400, f"cannot merge {tpath}: {exc}") from exc
+        report = json.loads((target / merge.REPORT_FILE).read_text(encoding="utf-8"))
+        expires = int(time.time()) + DOWNLOAD_URL_SECONDS
+        secret = self.download_secret()
+        urls = {}
+        for relpath in downloads.checkpoint_files(target):
+            inner = f"{merge.MERGED_DIR}/{relpath}"
+            grant = downloads.DownloadGrant(tpath.run_id, tpath.checkpoint_id, inner, expires)
+            urls[relpath] = f"{base_url}/api/v1/downloads/{downloads.sign(secret, grant)}"
+        return {
+            "tinker_path": str(tpath),
+            "urls": urls,
+            "expires": datetime.fromtimestamp(expires, UTC).isoformat(),
+            "untied_lm_head": bool(report.get("untied")),
+            "notes": list(report.get("notes") or []),
+        }
 
     def download(self, token: str) -> Path:
         """The file a signed token names: 403 if tampered with or expired, 404 if gone."""

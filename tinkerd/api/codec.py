@@ -8,6 +8,8 @@ docs/tinker-protocol.md §4.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import gzip
 import io
 import math
@@ -23,7 +25,14 @@ from google.protobuf.message import DecodeError
 
 from tinkerd.api import proto
 from tinkerd.model.sampling import MAX_OUTPUT_CELLS
-from tinkerd.model.types import Datum, ForwardBackwardOutput, ProvenanceSpan, SampleOutput
+from tinkerd.model.types import (
+    Datum,
+    ForwardBackwardOutput,
+    ImageInput,
+    ProvenanceSpan,
+    SampleOutput,
+)
+from tinkerd.model.vision import MAX_IMAGE_BYTES, MAX_IMAGE_TOKENS
 
 # A forward_backward body is a few MB at most (the SDK chunks at ~5 MB); this caps a zstd/gzip
 # bomb without getting in the way of real requests.
@@ -36,6 +45,10 @@ TOPK_EMPTY_LOGPROB = -99999.0
 # Cells a decoded tensor may have. Real inputs are (N,) or (N, K) with N within the context;
 # without a bound a tiny CSR message declaring a huge shape would densify into gigabytes.
 MAX_TENSOR_CELLS = 1 << 26
+
+# Why image chunks are refused when the caller does not say the model takes them.
+NO_IMAGES = "image inputs are not supported by this server"
+IMAGE_FORMATS = ("png", "jpeg")
 
 # Keys whose values are token ids; every other loss_fn_input is float32.
 _INT_KEYS = frozenset({"target_tokens"})
@@ -205,18 +218,55 @@ def _tensor_from_proto(msg: Any, key: str, what: str) -> torch.Tensor:
     return _to_torch(arr, msg.dtype, key, what)
 
 
-def _datum_from_proto(msg: Any, index: int) -> Datum:
-    """Decode one proto Datum: token chunks concatenated, inputs as torch tensors."""
+def image_input(
+    data: bytes, fmt: Any, expected_tokens: Any, position: int, where: str
+) -> ImageInput:
+    """An image chunk's fields checked (format, byte bound, expected_tokens); its pixels are
+    decoded and its token count checked by the model layer (`tinkerd.model.vision`)."""
+    if fmt not in IMAGE_FORMATS:
+        raise CodecError(f"{where}: image format must be 'png' or 'jpeg', got {fmt!r}")
+    if not data:
+        raise CodecError(f"{where}: image data is empty")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise CodecError(f"{where}: image has {len(data)} bytes; at most {MAX_IMAGE_BYTES}")
+    if expected_tokens is None:
+        raise CodecError(
+            f"{where}: expected_tokens is required (the image's token count, as the "
+            "cookbook's image_to_chunk sets it)"
+        )
+    if isinstance(expected_tokens, bool) or not isinstance(expected_tokens, int):
+        raise CodecError(f"{where}: expected_tokens must be an integer")
+    if not 1 <= expected_tokens <= MAX_IMAGE_TOKENS:
+        raise CodecError(
+            f"{where}: expected_tokens must be between 1 and {MAX_IMAGE_TOKENS}, "
+            f"got {expected_tokens}"
+        )
+    return ImageInput(position, expected_tokens, bytes(data), fmt, where)
+
+
+def _datum_from_proto(msg: Any, index: int, no_images: str | None = NO_IMAGES) -> Datum:
+    """Decode one proto Datum: token chunks concatenated (an image chunk adds its
+    `expected_tokens` placeholder positions, 0 here), inputs as torch tensors. `no_images`:
+    why image chunks are refused (None: accepted)."""
     tokens: list[int] = []
+    images: list[ImageInput] = []
     for j, chunk in enumerate(msg.model_input):
         kind = chunk.WhichOneof("chunk")
+        what = f"data[{index}].model_input[{j}]"
         if kind == "encoded_text":
-            what = f"data[{index}].model_input[{j}]"
             tokens.extend(_frombuffer(chunk.encoded_text.tokens, np.dtype("<i4"), what).tolist())
-        elif kind in ("image", "dmel"):
-            raise CodecError("image inputs are not supported by this server")
+        elif kind in ("image", "dmel") and no_images is not None:
+            raise CodecError(f"{what}: {no_images}")
+        elif kind == "image":
+            img = chunk.image
+            expected = img.expected_tokens if img.HasField("expected_tokens") else None
+            image = image_input(img.data, img.format, expected, len(tokens), what)
+            images.append(image)
+            tokens.extend([0] * image.num_tokens)
+        elif kind == "dmel":
+            raise CodecError(f"{what}: audio (dmel) chunks are not supported by this server")
         else:
-            raise CodecError(f"data[{index}].model_input[{j}]: empty chunk")
+            raise CodecError(f"{what}: empty chunk")
     inputs = {
         key: _tensor_from_proto(tensor, key, f"data[{index}].loss_fn_inputs[{key!r}]")
         for key, tensor in msg.loss_fn_inputs.items()
@@ -228,7 +278,7 @@ def _datum_from_proto(msg: Any, index: int) -> Datum:
             f"data[{index}]: provenance comes as a pair: model_input_spans and "
             "loss_fn_input_spans are both set or both empty"
         )
-    return Datum(tokens, inputs, input_spans, target_spans)
+    return Datum(tokens, inputs, input_spans, target_spans, images)
 
 
 # Spans per datum field: far above any real datum (one span per turn and sequence).
@@ -271,14 +321,19 @@ def parse_forward_backward(body: bytes, content_encoding: str | None = None) -> 
 
 
 def decode_forward_backward(
-    body: bytes, content_encoding: str | None = None
+    body: bytes, content_encoding: str | None = None, *, no_images: str | None = NO_IMAGES
 ) -> ForwardBackwardRequestData:
     """Decode a `POST /api/v1/forward_backward` body (protobuf, maybe zstd-compressed)."""
-    return forward_backward_data(parse_forward_backward(body, content_encoding))
+    return forward_backward_data(
+        parse_forward_backward(body, content_encoding), no_images=no_images
+    )
 
 
-def forward_backward_data(msg: Any) -> ForwardBackwardRequestData:
-    """Decode a parsed ForwardBackwardRequest: config maps and every datum's tensors."""
+def forward_backward_data(
+    msg: Any, *, no_images: str | None = NO_IMAGES
+) -> ForwardBackwardRequestData:
+    """Decode a parsed ForwardBackwardRequest: config maps and every datum's tensors.
+    `no_images`: why image chunks are refused (None when the model takes images)."""
     config: dict[str, float] = dict(msg.loss_fn_config.items())
     text: dict[str, str] = {}
     for key, value in msg.loss_fn_config_v2.items():
@@ -295,7 +350,7 @@ def forward_backward_data(msg: Any) -> ForwardBackwardRequestData:
         loss_fn_config=config,
         loss_fn_config_text=text,
         forward_only=msg.forward_only,
-        data=[_datum_from_proto(d, i) for i, d in enumerate(msg.data)],
+        data=[_datum_from_proto(d, i, no_images) for i, d in enumerate(msg.data)],
     )
 
 
@@ -385,6 +440,53 @@ def target_prompt_ids(
             _int64s(d["sparse_crow_indices"], what), _int64s(d["sparse_col_indices"], what)
         )
     return ids, layout
+
+
+def model_input(
+    d: Mapping[str, Any], *, what: str = "prompt", no_images: str | None = NO_IMAGES
+) -> tuple[list[int], list[ImageInput]]:
+    """Tokens and images of a ModelInput JSON: `encoded_text` chunks' tokens in order, and
+    each `image` chunk (`data` base64, `format`, `expected_tokens`) as `expected_tokens`
+    placeholder positions (0 here). `no_images`: why image chunks are refused (None: they
+    are accepted). Errors name the chunk (`prompt.chunks[1]`)."""
+    if not isinstance(d, Mapping) or not isinstance(d.get("chunks"), list):
+        raise CodecError(f"{what} must be an object with a 'chunks' list")
+    tokens: list[int] = []
+    images: list[ImageInput] = []
+    for j, chunk in enumerate(d["chunks"]):
+        where = f"{what}.chunks[{j}]"
+        if not isinstance(chunk, Mapping):
+            raise CodecError(f"{where} must be an object")
+        kind = chunk.get("type", "encoded_text")
+        if kind in ("image", "image_asset_pointer", "dmel") and no_images is not None:
+            raise CodecError(f"{where}: {no_images}")
+        if kind == "image_asset_pointer":
+            raise CodecError(
+                f"{where}: image_asset_pointer chunks are not supported; send the image "
+                "bytes (ImageChunk)"
+            )
+        if kind == "dmel":
+            raise CodecError(f"{where}: audio (dmel) chunks are not supported by this server")
+        if kind == "image":
+            raw = chunk.get("data")
+            if not isinstance(raw, str):
+                raise CodecError(f"{where}: image data must be a base64 string")
+            if len(raw) > (MAX_IMAGE_BYTES // 3 + 1) * 4:
+                raise CodecError(f"{where}: image data exceeds {MAX_IMAGE_BYTES} bytes")
+            try:
+                data = base64.b64decode(raw, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise CodecError(f"{where}: image data is not valid base64") from exc
+            image = image_input(
+                data, chunk.get("format"), chunk.get("expected_tokens"), len(tokens), where
+            )
+            images.append(image)
+            tokens.extend([0] * image.num_tokens)
+            continue
+        if kind != "encoded_text":
+            raise CodecError(f"{where}: unsupported chunk type {kind!r}")
+        tokens.extend(_json_list(chunk, "tokens", ints=True, what=where))
+    return tokens, images
 
 
 def model_input_tokens(d: Mapping[str, Any]) -> list[int]:

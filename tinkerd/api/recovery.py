@@ -89,6 +89,7 @@ def resume_samples(service: Service, report: RecoveryReport, timeout: float = 36
 def start_recovery(service: Service) -> RecoveryReport:
     """`recover`, logged, with the pending samples resumed on a background thread."""
     report = recover(service)
+    service.hooks.recovered(report.runs, report.replayed, report.failed, len(report.samples))
     if report.runs or report.failed or report.samples:
         log.warning(
             "restart: replaying %d requests of %d runs; %d pending requests failed; "

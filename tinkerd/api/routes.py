@@ -17,9 +17,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel
 
-from tinkerd.api import auth, schemas
+from tinkerd.api import auth, schemas, traces
 from tinkerd.api.futures import completion_queue_key
 from tinkerd.api.service import ApiError, Service, not_found
+from tinkerd.checkpoints import downloads
 from tinkerd.checkpoints.peft_format import read_adapter_info
 from tinkerd.store.records import CheckpointRecord, FutureRecord, TrainingRunRecord
 
@@ -162,15 +163,18 @@ def telemetry() -> dict[str, str]:
 
 @router.get("/get_server_capabilities")
 def capabilities(svc: Svc) -> dict[str, Any]:
+    """The SDK's four fields per model, plus `modalities` (ignored by the SDK): `["text",
+    "image"]` for a model that takes image chunks (Qwen-VL), else `["text"]`."""
     return {
         "supported_models": [
             {
-                "model_name": info.name,
-                "max_context_length": info.context_length,
+                "model_name": s.worker.info.name,
+                "max_context_length": s.worker.info.context_length,
                 "trainable": True,
                 "sampleable": True,
+                "modalities": ["text", "image"] if s.worker.vision else ["text"],
             }
-            for info in svc.infos()
+            for s in svc.schedulers.values()
         ]
     }
 
@@ -478,6 +482,16 @@ def external_weights_urls(
     return svc.external_weights_urls(user, run_id, checkpoint_id, base_url)
 
 
+@router.post("/export_merged")
+def export_merged(
+    request_body: schemas.ExportMergedRequest, user: User, svc: Svc, request: Request
+) -> dict[str, Any]:
+    """The checkpoint's base model with the adapter merged (Hugging Face safetensors), as
+    signed download URLs per file; own or public checkpoints (merged synchronously, once)."""
+    base_url = str(request.base_url).rstrip("/")
+    return svc.export_merged(user, request_body.path, base_url)
+
+
 @router.get("/downloads/{token}")
 def download(token: str, svc: Svc) -> FileResponse:
     """A file of a checkpoint, authorised by the signed token alone (no API key)."""
@@ -577,9 +591,29 @@ def search_sessions(user: User) -> JSONResponse:
     return _not_available("session search")
 
 
-@router.get("/sessions/{session_id}/trace_export")
-def export_session_trace(session_id: str, user: User) -> JSONResponse:
-    return _not_available("session trace export")
+@router.get("/sessions/{session_id}/trace_export", response_model=None)
+def export_session_trace(
+    session_id: str,
+    svc: Svc,
+    request: Request,
+    token: Annotated[str | None, Query()] = None,
+) -> dict[str, Any] | Response:
+    """With an API key: `{"status": "ready", "url"}`, a signed URL (one hour) serving the
+    session's trace. With `?token=` (that URL; no API key): the Chrome trace-event JSON
+    (api/traces.py), built now."""
+    if token is None:
+        user = current_user(request, request.headers.get("x-api-key"))
+        svc.session(session_id, user)  # 404 for another user's session, as for none
+        base_url = str(request.base_url).rstrip("/")
+        url = traces.sign_url(svc.download_secret(), base_url, session_id, user)
+        return {"status": "ready", "url": url}
+    try:
+        user = traces.verify_token(svc.download_secret(), session_id, token)
+    except downloads.TokenError as exc:
+        raise ApiError(403, str(exc)) from exc
+    trace = traces.build_trace(svc.store, svc.session(session_id, user))
+    headers = {"Content-Disposition": f'attachment; filename="{session_id}.json"'}
+    return Response(json.dumps(trace).encode(), media_type="application/json", headers=headers)
 
 
 # -- server-side custom losses (behind the client-config flag `custom_loss_server_side`) -------

@@ -89,7 +89,9 @@ class SamplingService(CheckpointService):
             if body.get("target_prompt_logprobs") is not None:
                 target, target_layout = codec.target_prompt_ids(body["target_prompt_logprobs"])
             last_n = body.get("prompt_logprobs_last_n")
-            prompt = codec.model_input_tokens(body["prompt"])
+            worker = scheduler.worker
+            no_images = None if worker.vision else f"model {base_model!r} does not take images"
+            prompt, images = codec.model_input(body["prompt"], no_images=no_images)
             # An absent max_tokens takes what the context leaves (at most 128); a given one
             # must fit with the prompt (validate_sample_input).
             room = scheduler.worker.info.context_length - len(prompt)
@@ -105,9 +107,11 @@ class SamplingService(CheckpointService):
                 prompt_alt_tokens_k=int(body.get("prompt_alt_tokens_k") or 0),
                 prompt_logprobs_last_n=int(last_n) if last_n is not None else None,
                 record_stability=record,
+                prompt_images=images,
             )
             info = scheduler.worker.info
             validate_sample_input(item, info.vocab_size, info.context_length)
+            worker.check_images(item.prompt, item.prompt_images, "prompt")  # decodes them
         except (codec.CodecError, ValueError, TypeError) as exc:
             raise ApiError(400, str(exc)) from exc
 

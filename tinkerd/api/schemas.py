@@ -120,8 +120,10 @@ class OptimizerParams(RequestModel):
 
 
 class EncodedTextChunk(RequestModel):
-    """A JSON ModelInput chunk. Non-text chunks are kept (extra fields allowed) so that
-    `ModelInput.to_tokens` can refuse them with a clear message."""
+    """A JSON ModelInput chunk. Non-text chunks are kept (extra fields allowed): an `image`
+    chunk's `data` (base64), `format` and `expected_tokens` are decoded by
+    `codec.model_input` for a model that takes images, and refused with a clear message
+    otherwise."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -626,6 +628,8 @@ class SupportedModel(ResponseModel):
     max_context_length: int | None = None
     trainable: bool | None = None
     sampleable: bool | None = None
+    # tinkerd's addition (the SDK ignores it): ["text", "image"] for a model that takes images.
+    modalities: list[str] | None = None
 
 
 class GetServerCapabilitiesResponse(ResponseModel):
@@ -799,3 +803,9 @@ class CreateCustomLossRequest(RequestModel):
     name: Annotated[str, Strict(), Field(min_length=1, max_length=128)]
     inputs: Annotated[list[CustomLossInput], Field(min_length=1, max_length=16)]
     graph: CustomLossGraph
+
+
+class ExportMergedRequest(RequestModel):
+    """POST /export_merged: a checkpoint the caller may read (own or public)."""
+
+    path: NonEmptyStr

@@ -18,6 +18,7 @@ from typing import Any
 
 from tinkerd.api.custom_losses import CustomLosses
 from tinkerd.api.futures import FutureHub, completion_queue_key
+from tinkerd.api.metrics import ServiceHooks
 from tinkerd.api.service_types import ApiError, not_found
 from tinkerd.engine.ops import (
     Op,
@@ -42,6 +43,9 @@ replaying: ContextVar[FutureRecord | None] = ContextVar("replaying", default=Non
 
 class ServiceBase:
     """Models, sessions, and the future plumbing every endpoint family uses."""
+
+    # Metrics and session-trace timings of futures (api/metrics.py; set by the app).
+    hooks: ServiceHooks = ServiceHooks()
 
     def __init__(
         self,
@@ -129,6 +133,8 @@ class ServiceBase:
                     op.model_id,
                     op.seq_id,
                 )
+            pending = logged.status == "pending"
+            self.hooks.replayed(logged.request_id, logged.user, logged.kind, pending)
             scheduler.submit(op)
             return logged
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -142,6 +148,7 @@ class ServiceBase:
         )
         stored = self.store.create_future(rec)
         if stored.request_id == rec.request_id:
+            self.hooks.created(rec.request_id, user, kind)
             scheduler.submit(make_op(rec.request_id))
         return stored
 
@@ -160,7 +167,8 @@ class ServiceBase:
             except Exception as exc:
                 failed(exc)
                 return
-            self.store.complete_future(request_id, data, result_type)
+            timing = self.hooks.finished(request_id, "complete")
+            self.store.complete_future(request_id, data, result_type, **timing)
             self._wake(
                 request_id, finished_record(request_id, "complete", data, result_type), queue
             )
@@ -171,7 +179,8 @@ class ServiceBase:
                 log.exception("request %s failed", request_id, exc_info=exc)
             message = str(exc) or type(exc).__name__
             category = "user" if user_error else "server"
-            self.store.fail_future(request_id, message, category)
+            timing = self.hooks.finished(request_id, "failed", category)
+            self.store.fail_future(request_id, message, category, **timing)
             record = finished_record(request_id, "failed", error=message, category=category)
             self._wake(request_id, record, queue)
 

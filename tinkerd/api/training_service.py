@@ -36,6 +36,7 @@ from tinkerd.model.losses import LossInputError
 from tinkerd.model.optimizer import AdamParams, OptimStepResult
 from tinkerd.model.training import validate_input
 from tinkerd.model.types import ForwardBackwardInput
+from tinkerd.model.vision import ImageError
 from tinkerd.store.records import (
     CheckpointRecord,
     FutureRecord,
@@ -174,7 +175,9 @@ class TrainingService(CheckpointService):
         # Bad data is refused here, before batching, so it never fails other tenants' rows.
         with self._rejection_skips_seq(run, msg.model_id, msg.seq_id):
             try:
-                req = codec.forward_backward_data(msg)
+                worker = scheduler.worker
+                no_images = None if worker.vision else f"model {info.name!r} does not take images"
+                req = codec.forward_backward_data(msg, no_images=no_images)
                 item = ForwardBackwardInput(
                     req.model_id, req.data, req.loss_fn, dict(req.loss_fn_config), req.forward_only
                 )
@@ -185,8 +188,17 @@ class TrainingService(CheckpointService):
                     item.data = stability.attach_stability_inputs(
                         self.store, item.data, run.session_id, user, run.model_id
                     )
+                    for new, old in zip(item.data, req.data, strict=True):
+                        new.images = old.images
+                for i, datum in enumerate(item.data):  # decodes and processes the images
+                    worker.check_images(datum.tokens, datum.images, f"data[{i}].model_input")
                 validate_input(item, info.vocab_size, info.context_length)
-            except (codec.CodecError, LossInputError, stability.ProvenanceError) as exc:
+            except (
+                codec.CodecError,
+                LossInputError,
+                stability.ProvenanceError,
+                ImageError,
+            ) as exc:
                 raise ApiError(400, str(exc)) from exc
             _check_fits_memory(item, scheduler.token_budget)
 

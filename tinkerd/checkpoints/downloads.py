@@ -91,10 +91,12 @@ def verify(secret: bytes, token: str, now: float | None = None) -> DownloadGrant
     return grant
 
 
-def checkpoint_files(directory: Path) -> list[str]:
-    """Every file of a checkpoint directory, as sorted '/'-separated relative paths."""
+def checkpoint_files(directory: Path, skip_dirs: tuple[str, ...] = ()) -> list[str]:
+    """Every file of a checkpoint directory, as sorted '/'-separated relative paths, except
+    those under the top-level folders `skip_dirs`."""
     directory = Path(directory)
-    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+    files = (p.relative_to(directory) for p in directory.rglob("*") if p.is_file())
+    return sorted(f.as_posix() for f in files if f.parts[0] not in skip_dirs)
 
 
 def resolve_file(directory: Path, relpath: str) -> Path:

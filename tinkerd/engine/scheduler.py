@@ -19,6 +19,7 @@ is not in memory (released when idle, or after a restart) comes back from there 
 import dataclasses
 import logging
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from tinkerd.engine.ops import (
     UserError,
 )
 from tinkerd.engine.run_state import RunStates
+from tinkerd.engine.telemetry import BatchPart, Telemetry
 from tinkerd.model.metrics import reduce_metrics
 from tinkerd.model.types import ForwardBackwardInput, ForwardBackwardOutput
 from tinkerd.model.worker import ModelWorker, UnknownAdapterError
@@ -77,8 +79,10 @@ class ModelScheduler:
         snapshot_memory_bytes: int = 4 << 30,
         run_states: RunStates | None = None,
         state_every: int = 8,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.worker = worker
+        self.telemetry = telemetry or Telemetry()  # observers (api/metrics.py, api/traces.py)
         self.token_budget = token_budget
         self.sample_batch = sample_batch
         self.max_snapshots = max_snapshots
@@ -121,6 +125,8 @@ class ModelScheduler:
                 if op.seq_id < queue.next_seq or op.seq_id in queue.pending:
                     return  # already applied or already queued: never apply twice
                 queue.pending[op.seq_id] = op
+            if not isinstance(op.action, _Skip):
+                self.telemetry.op_queued(self.worker.info.name, op.request_id, time.time())
             self._cv.notify_all()
 
     def cancel_sample(self, request_id: str) -> Op | None:
@@ -208,6 +214,8 @@ class ModelScheduler:
                 releases = [m for m in self._release if not self._busy(m)]
                 self._release.difference_update(releases)
             for op in barriers:
+                if not isinstance(op.action, _Skip):
+                    self.telemetry.op_started(self.worker.info.name, op.request_id, time.time())
                 self._run_barrier(op)
             slices = [s for s in slices if self._restored(s.op)]
             for batch in self._micro_batches(slices):
@@ -276,6 +284,10 @@ class ModelScheduler:
         for s in batch:
             full: ForwardBackwardInput = s.op.action.input  # type: ignore[union-attr]
             inputs.append(dataclasses.replace(full, data=full.data[s.start : s.end]))
+        start = time.time()
+        for s in batch:
+            if s.start == 0:
+                self.telemetry.op_started(self.worker.info.name, s.op.request_id, start)
         try:
             outputs = self.worker.forward_backward(inputs)
         except Exception as exc:
@@ -287,6 +299,17 @@ class ModelScheduler:
             self._partial.pop(batch[0].op.request_id, None)
             batch[0].op.fail(_classify(exc))
             return
+        rows = [[len(d.tokens) for d in i.data] for i in inputs]
+        self.telemetry.micro_batch(
+            self.worker.info.name,
+            start,
+            time.time(),
+            [BatchPart(s.op.request_id, len(r), sum(r)) for s, r in zip(batch, rows, strict=True)],
+            padded_tokens=sum(map(len, rows)) * max((n for r in rows for n in r), default=0),
+            trained_tokens=sum(
+                sum(r) for i, r in zip(inputs, rows, strict=True) if not i.forward_only
+            ),
+        )
         for s, out in zip(batch, outputs, strict=True):
             self._collect(s, out)
 
@@ -434,6 +457,7 @@ class ModelScheduler:
             total -= size
             if self.worker.has_adapter(old):
                 self.worker.remove_adapter(old)
+        self.telemetry.snapshots(self.worker.info.name, len(self._snapshots), total)
 
     def _ensure_snapshot(self, op: Op) -> None:
         action = op.action
@@ -449,6 +473,9 @@ class ModelScheduler:
         self._remember_snapshot(adapter_id)
 
     def _run_samples(self, ops: list[Op]) -> None:
+        start = time.time()
+        for op in ops:
+            self.telemetry.op_started(self.worker.info.name, op.request_id, start)
         ready = []
         for op in ops:
             try:
@@ -468,6 +495,12 @@ class ModelScheduler:
                 return
             ready[0].fail(_classify(exc))
             return
+        parts = []
+        for op, out in zip(ready, outputs, strict=True):
+            item = op.action.input  # type: ignore[union-attr]
+            sampled = sum(len(seq.tokens) for seq in getattr(out, "sequences", []))
+            parts.append(BatchPart(op.request_id, item.num_samples, len(item.prompt), sampled))
+        self.telemetry.sample_batch(self.worker.info.name, start, time.time(), parts)
         for op, out in zip(ready, outputs, strict=True):
             op.done(out)
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from tinkerd.model import vision
 from tinkerd.model.lora import MultiLoraModel, segments_for
 from tinkerd.model.training import body, unembed
 from tinkerd.model.types import SampledSequence, SampleInput, SampleOutput, SamplingParams
@@ -283,18 +284,27 @@ def sample(
         attn[i, width - len(r.prompt) :] = 1
     ids, attn = ids.to(device), attn.to(device)
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    prefill: dict[str, torch.Tensor] = {"input_ids": ids, "position_ids": positions}
+    if any(r.prompt_images for r in reqs):
+        # VL rows: vision embeddings and M-RoPE positions (3, B, L); text after the prompt
+        # continues at its real length + the row's rope delta (0 for rows without images).
+        offsets = [width - len(r.prompt) for r in reqs]
+        images = [r.prompt_images for r in reqs]
+        prefill, deltas = vision.model_inputs(body(lora.model), ids, images, offsets, attn)
+        positions = positions + deltas.unsqueeze(1)
     # With the config the cache has a layer of the right kind per decoder layer: linear-
     # attention layers (Qwen3.5) keep their conv/recurrent state, sliding ones their window.
     cache = DynamicCache(config=lora.model.config)
     with lora.route(segments_for([r.adapter_id for r in reqs])):
         hidden = body(lora.model)(
-            input_ids=ids,
+            **prefill,
             attention_mask=attn,
-            position_ids=positions,
             past_key_values=cache,
             use_cache=True,
         ).last_hidden_state
         prompt_outputs = [_prompt_extras(lora, hidden[i], r) for i, r in enumerate(reqs)]
+    for r, extras in zip(reqs, prompt_outputs, strict=True):
+        vision.unscore_image_positions(extras.prompt_logprobs, r.prompt_images)
     with lora.route(segments_for([r.adapter_id for r in reqs])):
         next_logits = unembed(lora, hidden[:, -1]).float()
 

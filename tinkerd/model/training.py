@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tinkerd.model import vision
 from tinkerd.model.lora import MultiLoraModel, segments_for
 from tinkerd.model.losses import (
     LossFn,
@@ -144,8 +145,12 @@ def target_logprobs(
     for i, r in enumerate(rows):
         ids[i, : lengths[i]] = torch.tensor(r.datum_ref.tokens, dtype=torch.long)
     ids = ids.to(device)
+    inputs: dict[str, torch.Tensor] = {"input_ids": ids}
+    if any(r.datum_ref.images for r in rows):  # VL model: vision embeddings, M-RoPE positions
+        images = [r.datum_ref.images for r in rows]
+        inputs, _ = vision.model_inputs(body(lora.model), ids, images, [0] * len(rows), None)
     with lora.route(segments_for([r.adapter_id for r in rows])):
-        hidden = body(lora.model)(input_ids=ids, use_cache=False).last_hidden_state
+        hidden = body(lora.model)(**inputs, use_cache=False).last_hidden_state
     mask = torch.arange(width).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
     packed = hidden[mask.to(device)] if width * len(rows) != sum(lengths) else hidden.flatten(0, 1)
     # Token-level segments for the unembedding (its input is packed tokens, not rows).

@@ -22,6 +22,25 @@ class ProvenanceSpan:
 
 
 @dataclass
+class ImageInput:
+    """An image inside a model input: it fills `num_tokens` positions of the token list from
+    `position` on (placeholders there; the model splices in its vision embeddings).
+
+    `data`/`format`: the bytes as sent (png or jpeg). `pixel_values` (patches, features) and
+    `grid_thw` (3,) are the model's image processor's output, set by `tinkerd.model.vision`.
+    `where` names the chunk for error messages (`data[0].model_input[1]`).
+    """
+
+    position: int
+    num_tokens: int
+    data: bytes
+    format: str
+    where: str = "image"
+    pixel_values: torch.Tensor | None = None
+    grid_thw: torch.Tensor | None = None
+
+
+@dataclass
 class Datum:
     """One training sequence: `tokens` (model_input) and per-token `loss_fn_inputs`.
 
@@ -35,6 +54,8 @@ class Datum:
     loss_fn_inputs: dict[str, torch.Tensor]
     model_input_spans: list[ProvenanceSpan] | None = None
     loss_fn_input_spans: list[ProvenanceSpan] | None = None
+    # Image chunks, by position (their positions in `tokens` hold placeholders).
+    images: list[ImageInput] = field(default_factory=list)
 
 
 @dataclass
@@ -100,6 +121,8 @@ class SampleInput:
     # wire: only in-process callers (the OpenAI/Anthropic streams) set it. A batch that fails
     # and is retried sample by sample calls it again from the first token.
     on_token: "Callable[[int, Choice], None] | None" = None
+    # Image chunks of the prompt, by position (as `Datum.images`).
+    prompt_images: list[ImageInput] = field(default_factory=list)
 
 
 @dataclass

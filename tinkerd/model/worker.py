@@ -19,9 +19,11 @@ from tinkerd.model.types import (
     Datum,
     ForwardBackwardInput,
     ForwardBackwardOutput,
+    ImageInput,
     SampleInput,
     SampleOutput,
 )
+from tinkerd.model.vision import check_input, vision_support
 
 
 class UnknownAdapterError(KeyError):
@@ -46,6 +48,10 @@ class ModelWorker:
         # Snapshot id → optim steps its source run had taken when it was frozen.
         self.snapshot_steps: dict[str, int] = {}
         self.autocast_dtype = autocast_dtype
+        # Image input (Qwen-VL models); None: the model takes text only.
+        self.vision = vision_support(
+            base.model, getattr(base.model, "name_or_path", "") or base.info.name, base.info.name
+        )
 
     @property
     def info(self) -> BaseModelInfo:
@@ -92,6 +98,8 @@ class ModelWorker:
         if item.adapter_id is not None:
             self._adapter(item.adapter_id)
         validate_input(item, self.info.vocab_size, self.info.context_length)
+        for i, datum in enumerate(item.data):
+            self.check_images(datum.tokens, datum.images, f"data[{i}].model_input")
 
     def forward_backward(self, inputs: list[ForwardBackwardInput]) -> list[ForwardBackwardOutput]:
         """One batched pass over every input; inputs must be validated first.
@@ -163,6 +171,12 @@ class ModelWorker:
         if item.adapter_id is not None:
             self._adapter(item.adapter_id)
         validate_sample_input(item, self.info.vocab_size, self.info.context_length)
+        self.check_images(item.prompt, item.prompt_images, "prompt")
+
+    def check_images(self, tokens: list[int], images: list[ImageInput], what: str) -> None:
+        """Raise ImageError (a ValueError) for images this model cannot take; decode and
+        process the others (see vision.check_input)."""
+        check_input(tokens, images, self.vision, self.info.name, what)
 
     def sample(self, inputs: list[SampleInput]) -> list[SampleOutput]:
         """Generate for every input in one batch; inputs must be validated first."""

@@ -120,6 +120,9 @@ class FutureRow(Base):
     # A sample of a sampling session: its place in the session's completion queue (1, 2, ...
     # in commit order), the cursor of /retrieve_futures; set by the store when it finishes.
     completion_seq: Mapped[int | None] = mapped_column(BigInteger)
+    # Execution start and engine spans, stored with the outcome (session traces).
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    timings: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
 
 
 class CheckpointRow(Base):

@@ -55,6 +55,11 @@ class FutureRecord:
     # Place in its sampling session's completion queue (samples with a seq_id; set by the
     # store when the future finishes, never by callers).
     completion_seq: int | None = None
+    # When the engine began executing it (None: never started, or finished before tracing),
+    # and what it shared while it ran: micro-batches / sampling batches as trace spans
+    # ({name, start, end (unix s), args}); both stored with its outcome (api/traces.py).
+    started_at: datetime | None = None
+    timings: list[dict[str, Any]] | None = None
 
 
 @dataclass

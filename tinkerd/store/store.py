@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     Column,
@@ -40,6 +41,7 @@ from tinkerd.store.db import (
     SessionRow,
     StabilityRow,
     TrainingRunRow,
+    UTCDateTime,
 )
 from tinkerd.store.records import (
     ApiKeyRecord,
@@ -63,6 +65,8 @@ _NOW_FIELDS = ("created_at", "last_heartbeat", "last_request_time", "last_used_a
 _ADDED_COLUMNS = (
     ("futures", "completion_seq", BigInteger()),
     ("sampling_sessions", "inflight", Boolean()),
+    ("futures", "started_at", UTCDateTime()),
+    ("futures", "timings", JSON()),
 )
 # Clients of a sampling session number their seq_ids from client_id * this (the SDK's
 # `cloned_sampler_id = seq_id // 1_000_000_000`).
@@ -319,15 +323,34 @@ class Store:
             row = s.get(FutureRow, request_id)
             return None if row is None else _to_record(FutureRecord, row)
 
-    def complete_future(self, request_id: str, result: bytes, result_type: str) -> bool:
+    def complete_future(
+        self, request_id: str, result: bytes, result_type: str, **timing: Any
+    ) -> bool:
         """Store the result. Only a pending future changes (first outcome wins, so a result a
-        client may already have read is never replaced); returns whether it changed."""
-        return self._finish(request_id, status="complete", result=result, result_type=result_type)
+        client may already have read is never replaced); returns whether it changed.
+        `timing`: optional `started_at` and `timings` (see FutureRecord), stored with it."""
+        return self._finish(
+            request_id, status="complete", result=result, result_type=result_type, **timing
+        )
 
-    def fail_future(self, request_id: str, error: str, category: str) -> bool:
+    def fail_future(self, request_id: str, error: str, category: str, **timing: Any) -> bool:
         """Store the failure (`category`: user | server | unknown); as complete_future, only a
         pending future changes."""
-        return self._finish(request_id, status="failed", error=error, category=category)
+        return self._finish(request_id, status="failed", error=error, category=category, **timing)
+
+    def session_futures(self, model_ids: list[str]) -> list[FutureRecord]:
+        """Futures of these runs and sampling sessions, oldest first, without their request
+        and result bodies (for session traces)."""
+        if not model_ids:
+            return []
+        columns = [c for c in FutureRow.__table__.columns if c.name not in ("request", "result")]
+        with self._read() as s:
+            rows = s.execute(
+                select(*columns)
+                .where(FutureRow.model_id.in_(model_ids))
+                .order_by(FutureRow.created_at, FutureRow.request_id)
+            )
+            return [FutureRecord(request=b"", **row._mapping) for row in rows]
 
     def _finish(self, request_id: str, **values: Any) -> bool:
         """Finish a pending future; a sample of a sampling session also takes the next place
