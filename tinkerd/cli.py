@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 app = typer.Typer(help="tinkerd: self-hosted server for the Tinker fine-tuning API.")
 bench_app = typer.Typer(help="Benchmarks (each prints a JSON line of figures last).")
 app.add_typer(bench_app, name="bench")
-keys_app = typer.Typer(help="API keys: users of this server (see README, Users and API keys).")
+keys_app = typer.Typer(help="API keys: users of this server (see docs/security.md).")
 app.add_typer(keys_app, name="keys")
 export_app = typer.Typer(help="Export a checkpoint for other runtimes (reads the data dir).")
 app.add_typer(export_app, name="export")
@@ -80,9 +80,17 @@ def serve(
             show_default=False,
         ),
     ] = False,
+    log_format: Annotated[
+        str | None,
+        typer.Option(
+            "--log-format",
+            help="Server log lines: text | json (one JSON object per line) "
+            "[env: TINKERD_LOG_FORMAT]",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the Tinker-compatible HTTP server."""
-    import logging
     import signal
     import sys
 
@@ -97,6 +105,7 @@ def serve(
         device=device,
         insecure=insecure or None,  # unset: TINKERD_INSECURE decides
         allow_slow_bf16=allow_slow_bf16 or None,  # unset: TINKERD_ALLOW_SLOW_BF16 decides
+        log_format=log_format,
     )
     registered = _check_exposure(settings)
     _check_models(settings)
@@ -105,11 +114,10 @@ def serve(
     # Imported after the check (they pull in torch), so a refusal is immediate.
     import uvicorn
 
+    from tinkerd import logs
     from tinkerd.api.app import create_app
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(settings.log_format)
     url = f"http://{settings.host}:{settings.port}"
     names = ", ".join(spec.name for spec in settings.model_specs())
     typer.echo(f"tinkerd: serving {names} at {url}")
@@ -121,7 +129,16 @@ def serve(
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal under the handler
     # that was in place before it started: make that one a clean exit (status 0).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    # uvicorn's own lines (startup, shutdown) go through the root logger set up above; its
+    # access log is off: the request-log middleware (api/app.py) writes one line per request.
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        log_config=None,
+        access_log=False,
+    )
 
 
 def _check_models(settings: Settings) -> None:

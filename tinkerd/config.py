@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     # is set: then every scrape needs `Authorization: Bearer <metrics_token>`.
     metrics_enabled: bool = True
     metrics_token: str | None = None
+    # Server log lines: "text" (human-readable) or "json" (one object per line, with the
+    # request context: request_id, user, model, seq_id, kind; see tinkerd/logs.py).
+    log_format: Literal["text", "json"] = "text"
 
     def model_specs(self) -> list[ModelSpec]:
         """`models`, parsed (ValueError for a malformed NAME=PATH)."""

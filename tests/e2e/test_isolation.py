@@ -24,7 +24,7 @@ from e2e_helpers import Server, adam, sft_datum
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
-from tinkerd.api import proto
+from tinkerd.api import console, proto
 from tinkerd.api.routes import router
 from tinkerd.checkpoints import downloads
 
@@ -467,6 +467,11 @@ def _custom_loss_in_their_session(t: World, o: World, c: httpx.Client, s: Server
     return c.post("/create_custom_loss", json=body)
 
 
+@case("GET", "/console/training_runs/{run_id}/metrics", "run_id")
+def _console_run_metrics(t: World, o: World, c: httpx.Client, s: Server) -> httpx.Response:
+    return c.get(f"/console/training_runs/{t.model_id}/metrics")
+
+
 # Raw (protobuf) bodies the router can't describe: their id fields, by route.
 RAW_BODY_ID_FIELDS = {("POST", "/api/v1/forward_backward"): {"model_id"}}
 # Field names that are counters or labels, not ids of a user's objects.
@@ -510,7 +515,8 @@ def test_every_route_with_an_id_is_covered() -> None:
     for c in CASES:
         covered.setdefault((c.method, c.route), set()).update(c.fields)
     missing = []
-    routes = [r for r in router.routes if isinstance(r, APIRoute)]
+    all_routes = [*router.routes, *console.router.routes]  # the console's JSON too
+    routes = [r for r in all_routes if isinstance(r, APIRoute)]
     for route in routes:
         wanted = route_id_fields(route)
         for method in sorted(route.methods):
@@ -554,6 +560,17 @@ def test_list_endpoints_show_only_own_items(worlds: Worlds, intruder: httpx.Clie
     assert not any(
         a.session_id in i for i in children["training_run_ids"] + children["sampler_ids"]
     )
+
+
+def test_console_lists_show_only_own_items(worlds: Worlds, intruder: httpx.Client) -> None:
+    a, b = worlds.a, worlds.b
+    samplers = intruder.get("/console/samplers").json()["samplers"]
+    ids = {s["sampling_session_id"] for s in samplers}
+    assert b.sampler_id in ids and not any(a.session_id in i for i in ids)
+    status = intruder.get("/console/status").json()
+    assert status["user"] != a.session_id
+    for failed in status["recent_errors"]:
+        assert a.session_id not in (failed["model_id"] or "")
 
 
 def test_sdk_calls_on_other_users_objects_raise_not_found(

@@ -842,7 +842,7 @@ FEATURES = [
         "tinkerd's own objective (hosted Tinker's math is unpublished): REINFORCE weighted by "
         "the truncated ratio to the server-recorded behaviour logprobs, with token- and "
         "sequence-level masking of drifted (stale) data; provenance checked against the "
-        "session's sequence records (README, 'stable_reinforce'). The cookbook's RL recipes "
+        "session's sequence records (docs/api.md, 'stable_reinforce'). The cookbook's RL recipes "
         "run at their defaults (tests/conformance/test_rl_defaults.py)",
     ),
     (
@@ -864,7 +864,7 @@ FEATURES = [
         "`custom_loss_server_side` on: the torch.fx graph (JSON, never pickled) is rebuilt "
         "against an allowlist of torch/math/operator functions and tensor methods, sizes "
         "checked on meta tensors before anything is allocated, stored per session (survives "
-        "restarts), and run in the same batched pass as other tenants (README, 'Server-side "
+        "restarts), and run in the same batched pass as other tenants (docs/api.md, 'Server-side "
         "custom losses'). `TINKERD_CUSTOM_LOSS_SERVER_SIDE=0` turns it off",
     ),
     (

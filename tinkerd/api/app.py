@@ -7,6 +7,8 @@ a proxy glitch); unexpected failures are 500, which the SDK retries.
 
 import asyncio
 import logging
+import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -15,8 +17,11 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tinkerd.api import anthropic_compat, openai_compat
+from tinkerd import logs
+from tinkerd.api import anthropic_compat, console, openai_compat
+from tinkerd.api.auth import authenticator, bearer_key
 from tinkerd.api.body_limit import BodySizeLimit
 from tinkerd.api.custom_losses import CustomLosses
 from tinkerd.api.futures import FutureHub
@@ -41,6 +46,80 @@ from tinkerd.model.worker import ModelWorker
 from tinkerd.store.store import Store
 
 log = logging.getLogger("tinkerd")
+request_log = logging.getLogger("tinkerd.requests")
+
+
+class RequestLog:
+    """One INFO line per HTTP request, once its answer is fully sent: request id, user,
+    method, route, status, latency. The route is the template (`/api/v1/training_runs/{run_id}`),
+    never the raw path (download URLs carry signed tokens), and nothing of the body or the
+    headers is logged; the user is the id the API key maps to, never the key. Every line
+    logged while the request is handled carries its `request_id` and `user` (tinkerd/logs.py).
+    The id is sent back as `X-Request-ID`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        request_id = uuid.uuid4().hex
+        status = 500
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        with logs.context(request_id=request_id, user=await _user(scope)) as ctx:
+            try:
+                await self.app(scope, receive, sending)
+            finally:
+                route = getattr(scope.get("route"), "path", None) or "unmatched"
+                method = scope.get("method", "")
+                latency_ms = round((time.perf_counter() - start) * 1000, 1)
+                version = scope.get("http_version", "1.1")
+                client = scope.get("client")
+                request_log.info(
+                    'request %s user=%s "%s %s HTTP/%s" %d %.1f ms',
+                    request_id,
+                    ctx.get("user", "-"),
+                    method,
+                    route,
+                    version,
+                    status,
+                    latency_ms,
+                    extra=logs.fields(
+                        method=method,
+                        route=route,
+                        status=status,
+                        latency_ms=latency_ms,
+                        client=client[0] if client else None,
+                    ),
+                )
+
+
+async def _user(scope: Scope) -> str | None:
+    """The user the request's API key maps to (as the routes authenticate it), or None: no
+    key, a refused key, or a server still starting."""
+    headers = dict(scope.get("headers") or [])
+    raw = headers.get(b"x-api-key") or b""
+    key = raw.decode("latin-1") or bearer_key(headers.get(b"authorization", b"").decode("latin-1"))
+    app = scope.get("app")
+    if not key or app is None or not hasattr(app.state, "service"):
+        return None
+    try:
+        # The key table is cached for a second; a reload reads the database, off the loop.
+        return await asyncio.to_thread(authenticator(app.state).user, key)
+    except Exception:
+        return None
 
 
 def build_schedulers(settings: Settings) -> dict[str, ModelScheduler]:
@@ -174,8 +253,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(router)
     app.include_router(openai_compat.router)  # OpenAI-/Anthropic-compatible inference
     app.include_router(anthropic_compat.router)
+    app.include_router(console.router)  # the web console at /console (docs/console.md)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every answer
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # sees every answer
+    app.add_middleware(RequestLog)  # outermost: one log line per request, with its context
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:

@@ -15,6 +15,8 @@ with a clear error.
 import json
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tinkerd.api.service import Service
@@ -30,6 +32,8 @@ class RecoveryReport:
     failed: int = 0  # pending requests that could not be re-run
     samples: list[FutureRecord] = field(default_factory=list)  # pending, queued after the runs
     waits: list[tuple[str, str, int]] = field(default_factory=list)  # (base, model_id, seq_id)
+    # (base, model_id, seq_ids queued again): for the progress lines
+    plan: list[tuple[str, str, list[int]]] = field(default_factory=list)
 
 
 def recover(service: Service) -> RecoveryReport:
@@ -47,6 +51,7 @@ def recover(service: Service) -> RecoveryReport:
         if last_seq < start:
             continue
         report.runs += 1
+        seq_ids: list[int] = []
         for rec in store.futures_for_model(model_id, start):
             assert rec.seq_id is not None
             if rec.status == "failed" or (rec.status == "complete" and _only_saves(rec)):
@@ -55,7 +60,9 @@ def recover(service: Service) -> RecoveryReport:
             service.replay(rec)
             queued.add(rec.request_id)
             report.replayed += 1
+            seq_ids.append(rec.seq_id)
         report.waits.append((run.base_model, model_id, last_seq))
+        report.plan.append((run.base_model, model_id, seq_ids))
     for rec in store.unfinished_futures():
         if rec.request_id in queued:
             continue
@@ -86,6 +93,51 @@ def resume_samples(service: Service, report: RecoveryReport, timeout: float = 36
         log.info("re-ran %d sample requests pending at the last shutdown", len(report.samples))
 
 
+PROGRESS_SECONDS = 5.0
+
+
+def replay_progress(
+    service: Service,
+    report: RecoveryReport,
+    every: float = PROGRESS_SECONDS,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Log "replaying N logged requests: k/N" at most every `every` seconds until all N are
+    taken to run by their schedulers, then once more with the total time."""
+    total = report.replayed
+    if not total:
+        return
+    started = last = clock()
+    cursors = [0] * len(report.plan)  # per run: how many of its seq_ids are applied
+
+    def applied() -> int:
+        for i, (base, model_id, seq_ids) in enumerate(report.plan):
+            scheduler = service.schedulers[base]
+            while cursors[i] < len(seq_ids) and scheduler.wait_applied(
+                model_id, seq_ids[cursors[i]], 0
+            ):
+                cursors[i] += 1
+        return sum(cursors)
+
+    while True:
+        done = applied()
+        now = clock()
+        if done >= total:
+            log.info(
+                "replaying %d logged requests: %d/%d, done in %.1f s",
+                total,
+                done,
+                total,
+                now - started,
+            )
+            return
+        if now - last >= every:
+            log.info("replaying %d logged requests: %d/%d", total, done, total)
+            last = now
+        sleep(min(1.0, every))
+
+
 def start_recovery(service: Service) -> RecoveryReport:
     """`recover`, logged, with the pending samples resumed on a background thread."""
     report = recover(service)
@@ -102,4 +154,8 @@ def start_recovery(service: Service) -> RecoveryReport:
     threading.Thread(
         target=resume_samples, args=(service, report), name="recovery", daemon=True
     ).start()
+    if report.replayed:
+        threading.Thread(
+            target=replay_progress, args=(service, report), name="replay-progress", daemon=True
+        ).start()
     return report

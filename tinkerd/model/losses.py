@@ -131,7 +131,7 @@ def stable_reinforce(
     lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], config: Mapping[str, float]
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """REINFORCE with server-recorded behaviour logprobs, truncated token weights, and token-
-    and sequence-level masking of stale data (tinkerd's own objective; README explains it).
+    and sequence-level masking of stale data (tinkerd's own objective; docs/api.md explains it).
 
     Per sampled target t of sequence g:
         ratio_t = exp(sg[lp_t] - q_t)           q: the sampler's logprob (what it drew from)

@@ -4,7 +4,7 @@ Each request's prompt is prefilled once (left-padded with the others), then its 
 repeated for `num_samples`. Rows leave the batch as soon as they stop, so finished rows cost
 nothing. Rows are kept sorted by adapter so LoRA segments stay contiguous.
 
-Logprob semantics (Tinker's, see README): the logprob returned for a sampled token is taken
+Logprob semantics (Tinker's, see docs/api.md): the logprob returned for a sampled token is taken
 from the distribution the token was drawn from before truncation, softmax(logits / temperature):
 temperature-scaled, not top-k/top-p filtered. At temperature 1 that equals the training
 forward pass's target logprob. Greedy (temperature 0) reports the temperature-1 logprob.
