@@ -19,76 +19,18 @@ import transformers as tf
 from e2e_helpers import Server, run_server
 from PIL import Image
 from tinker import types
-from transformers import AutoImageProcessor, GenerationConfig, Qwen2VLImageProcessor
+from transformers import AutoImageProcessor, GenerationConfig
+from unit.vision_models import (
+    IMAGE_PAD,
+    VISION_END,
+    VISION_START,
+    build_qwen_vl,
+    image_bytes,
+)
 
-from tinkerd.model.tiny import tiny_tokenizer
-
-IMAGE_PAD, VISION_START, VISION_END = 300, 302, 303
-SPECIAL = {"bos_token_id": 257, "eos_token_id": 258, "pad_token_id": 256}
 TEXT_A = [ord(c) for c in "Look: "]
 TEXT_B = [ord(c) for c in " what is it?"]
 KEY = "tml-vision"
-
-
-def build_qwen2_5_vl(path: Path) -> Path:
-    """A tiny Qwen2.5-VL (as tests/unit/test_vision_layer.py builds it)."""
-    config = tf.Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": 320,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 512,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": [2, 3, 3],
-            },
-            **SPECIAL,
-        },
-        vision_config={
-            "depth": 1,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 64,
-            "fullatt_block_indexes": [0],
-            "window_size": 28,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-        },
-        image_token_id=IMAGE_PAD,
-        video_token_id=301,
-        vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END,
-        **SPECIAL,
-    )
-    torch.manual_seed(0)
-    model = tf.Qwen2_5_VLForConditionalGeneration(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.08)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    processor = Qwen2VLImageProcessor(
-        min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, patch_size=14, merge_size=2
-    )
-    processor.temporal_patch_size = 2
-    processor.save_pretrained(path)
-    return path
-
-
-def image_bytes(seed: int, size: tuple[int, int] = (56, 56)) -> bytes:
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def model_input(
@@ -129,7 +71,7 @@ def text_datum(tokens: list[int]) -> types.Datum:
 
 @pytest.fixture(scope="module")
 def vl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_qwen2_5_vl(tmp_path_factory.mktemp("qwen2_5_vl"))
+    return build_qwen_vl(tmp_path_factory.mktemp("qwen2_5_vl"))
 
 
 @pytest.fixture(scope="module")

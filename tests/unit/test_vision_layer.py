@@ -11,21 +11,26 @@ import io
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import transformers as tf
 from PIL import Image
 from tinker import types as T
 from tinker.proto import request_conv
-from transformers import GenerationConfig, Qwen2VLImageProcessor
+from transformers import GenerationConfig
+from vision_models import (
+    IMAGE_PAD,
+    VISION_END,
+    VISION_START,
+    build_qwen_vl,
+    image_bytes,
+)
 
 from tinkerd.api import codec
 from tinkerd.api.codec import CodecError
 from tinkerd.model.loading import BaseModel, load_base_model
 from tinkerd.model.lora import LoraConfig, segments_for
 from tinkerd.model.optimizer import AdamParams
-from tinkerd.model.tiny import build_tiny_model, tiny_tokenizer
+from tinkerd.model.tiny import build_tiny_model
 from tinkerd.model.types import (
     Datum,
     ForwardBackwardInput,
@@ -35,125 +40,6 @@ from tinkerd.model.types import (
 )
 from tinkerd.model.vision import ImageError, check_input
 from tinkerd.model.worker import ModelWorker
-
-IMAGE_PAD, VISION_START, VISION_END = 300, 302, 303
-SPECIAL = {"bos_token_id": 257, "eos_token_id": 258, "pad_token_id": 256}
-
-
-TEXT_CONFIG = {
-    "vocab_size": 320,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
-    **SPECIAL,
-}
-MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-VISION = {
-    "depth": 1,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_heads": 2,
-    "out_hidden_size": 64,
-    "spatial_merge_size": 2,
-    "temporal_patch_size": 2,
-}
-IDS = {
-    "image_token_id": IMAGE_PAD,
-    "video_token_id": 301,
-    "vision_start_token_id": VISION_START,
-    "vision_end_token_id": VISION_END,
-}
-
-
-def qwen_vl(family: str) -> tuple[torch.nn.Module, int]:
-    """A tiny random-init model of the family and its vision patch size."""
-    if family == "qwen2_5_vl":
-        config = tf.Qwen2_5_VLConfig(
-            text_config={**TEXT_CONFIG, "rope_parameters": dict(MROPE)},
-            vision_config={
-                **VISION,
-                "fullatt_block_indexes": [0],
-                "window_size": 28,
-                "patch_size": 14,
-            },
-            **IDS,
-            **SPECIAL,
-        )
-        return tf.Qwen2_5_VLForConditionalGeneration(config), 14
-    if family == "qwen2_vl":
-        config = tf.Qwen2VLConfig(
-            text_config={**TEXT_CONFIG, "rope_parameters": dict(MROPE)},
-            vision_config={
-                "depth": 1,
-                "embed_dim": 32,
-                "hidden_size": 64,
-                "num_heads": 2,
-                "mlp_ratio": 2,
-                "patch_size": 14,
-                "spatial_merge_size": 2,
-                "temporal_patch_size": 2,
-            },
-            **IDS,
-            **SPECIAL,
-        )
-        return tf.Qwen2VLForConditionalGeneration(config), 14
-    moe = family == "qwen3_vl_moe"
-    config_class = tf.Qwen3VLMoeConfig if moe else tf.Qwen3VLConfig
-    config = config_class(
-        text_config={
-            **TEXT_CONFIG,
-            "head_dim": 16,
-            "rope_parameters": {**MROPE, "mrope_interleaved": True},
-            **(
-                {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
-                if moe
-                else {}
-            ),
-        },
-        vision_config={
-            **VISION,
-            "num_position_embeddings": 16,
-            "deepstack_visual_indexes": [0],
-            "patch_size": 16,
-        },
-        **IDS,
-    )
-    model_class = (
-        tf.Qwen3VLMoeForConditionalGeneration if moe else tf.Qwen3VLForConditionalGeneration
-    )
-    return model_class(config), 16
-
-
-def build_qwen_vl(path: Path, family: str = "qwen2_5_vl") -> Path:
-    """A tiny Qwen-VL with its image processor config and the byte-level tokenizer. Images
-    are resized to between 4 and 16 merged patches: 4 to 16 image tokens."""
-    torch.manual_seed(0)
-    model, patch = qwen_vl(family)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.08)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    unit = (patch * 2) ** 2  # one image token: a merge_size x merge_size block of patches
-    processor = Qwen2VLImageProcessor(
-        min_pixels=unit * 4, max_pixels=unit * 16, patch_size=patch, merge_size=2
-    )
-    processor.temporal_patch_size = 2
-    processor.save_pretrained(path)
-    return path
-
-
-def image_bytes(seed: int, size: tuple[int, int] = (56, 56), fmt: str = "PNG") -> bytes:
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format=fmt)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl", "qwen2_vl", "qwen3_vl_moe"])
