@@ -287,18 +287,11 @@ def prepare_model(
     data_dir: DataDirOption = None,
 ) -> None:
     """Load each served model once (converting the embedded model) and print its facts."""
-    from tinkerd.model.loading import load_base_model
+    from tinkerd.api.app import load_served_model
 
     settings = _settings(data_dir=data_dir, models=model)
     for spec in settings.model_specs():
-        base = load_base_model(
-            spec.source,
-            data_dir=settings.data_dir,
-            dtype=settings.dtype,
-            device=settings.device,
-            served_name=spec.name,
-            trust_remote_code=spec.name in settings.trust_remote_code,
-        )
+        base = load_served_model(settings, spec)
         typer.echo(json.dumps(base.info.__dict__))
 
 

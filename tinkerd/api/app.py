@@ -37,11 +37,11 @@ from tinkerd.api.routes import router, skip_rejected_seq, validation_detail
 from tinkerd.api.service import ApiError, Service
 from tinkerd.api.traces import TraceRecorder
 from tinkerd.checkpoints.atomic import cleanup_leftovers
-from tinkerd.config import Settings
+from tinkerd.config import ModelSpec, Settings
 from tinkerd.engine.run_state import RunStates
 from tinkerd.engine.scheduler import ModelScheduler
 from tinkerd.engine.telemetry import Fanout
-from tinkerd.model.loading import load_base_model
+from tinkerd.model.loading import BaseModel, load_base_model
 from tinkerd.model.worker import ModelWorker
 from tinkerd.store.store import Store
 
@@ -122,6 +122,19 @@ async def _user(scope: Scope) -> str | None:
         return None
 
 
+def load_served_model(settings: Settings, spec: ModelSpec) -> BaseModel:
+    """One `--model` entry loaded as the settings say: its served name, dtype, device, and
+    remote code only if the operator allowed it for that name."""
+    return load_base_model(
+        spec.source,
+        data_dir=settings.data_dir,
+        dtype=settings.dtype,
+        device=settings.device,
+        served_name=spec.name,
+        trust_remote_code=spec.name in settings.trust_remote_code,
+    )
+
+
 def build_schedulers(settings: Settings) -> dict[str, ModelScheduler]:
     """Load each served model once and give it a worker and a scheduler thread."""
     autocast = torch.bfloat16 if settings.dtype == "bfloat16" else None
@@ -129,14 +142,7 @@ def build_schedulers(settings: Settings) -> dict[str, ModelScheduler]:
     cleanup_leftovers(run_states.root)
     schedulers = {}
     for spec in settings.model_specs():
-        base = load_base_model(
-            spec.source,
-            data_dir=settings.data_dir,
-            dtype=settings.dtype,
-            device=settings.device,
-            served_name=spec.name,
-            trust_remote_code=spec.name in settings.trust_remote_code,
-        )
+        base = load_served_model(settings, spec)
         worker = ModelWorker(base, autocast_dtype=autocast)
         budget = train_token_budget(worker, settings)
         schedulers[base.info.name] = ModelScheduler(
