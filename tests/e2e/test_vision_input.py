@@ -1,4 +1,5 @@
-"""Image input end to end: the official SDK against `tinkerd serve` of a tiny Qwen2.5-VL.
+"""Image input end to end: the official SDK against `tinkerd serve` of a tiny Qwen2.5-VL
+(and of a tiny Gemma 3, `test_gemma3_takes_images`).
 
 The model is built in code (random init, saved with its image processor config and the
 byte-level tokenizer): a 56x56 image is 4 image tokens. Training data carries an `ImageChunk`
@@ -24,6 +25,7 @@ from unit.vision_models import (
     IMAGE_PAD,
     VISION_END,
     VISION_START,
+    build_gemma3,
     build_qwen_vl,
     image_bytes,
 )
@@ -173,12 +175,16 @@ def test_sampling_with_image_equals_generate(
             **reference_inputs(reference, full_sequence(), data), generation_config=config
         )
     assert got == ids[0, len(full_sequence()) :].tolist()
-    # compute_logprobs: None at the first position and at image positions.
+    # compute_logprobs: None at the first position only; image positions score the image
+    # token (as the model's processor and vLLM's prompt have it), as transformers does.
     lps = sampler.compute_logprobs(prompt).result(timeout=120)
-    start = len(TEXT_A) + 1
-    assert len(lps) == prompt.length
-    assert lps[0] is None and lps[start : start + 4] == [None] * 4
-    assert all(v is not None for v in lps[start + 4 :])
+    assert len(lps) == prompt.length and lps[0] is None
+    inputs = reference_inputs(reference, full_sequence(), data)
+    with torch.no_grad():
+        logits = model(**inputs).logits[0].float()
+    ids = inputs["input_ids"][0]
+    want = torch.log_softmax(logits[:-1], -1).gather(1, ids[1:, None])[:, 0]
+    np.testing.assert_allclose(lps[1:], want.tolist(), atol=1e-4)
 
 
 def test_two_tenants_with_and_without_images(vl_server: Server) -> None:
@@ -218,3 +224,47 @@ def test_text_model_refuses_images(server: Server) -> None:
     params = types.SamplingParams(max_tokens=2, temperature=0.0)
     with pytest.raises(tinker.BadRequestError, match=r"prompt.chunks\[1\]: model .* does not"):
         sampler.sample(model_input(image_bytes(0)), 1, params).result(timeout=60)
+
+
+def test_gemma3_takes_images(tmp_path: Path) -> None:
+    """Gemma 3 (4 soft tokens per 56x56 image, image token 300): capability, forward equal to
+    transformers' with `token_type_ids` (bidirectional within the image), greedy sampling equal
+    to its `generate`."""
+    model_dir = build_gemma3(tmp_path / "gemma3")
+    data = image_bytes(0)
+    (tmp_path / "server").mkdir()
+    with run_server(model_dir, tmp_path / "server") as srv:
+        body = httpx.get(f"{srv.base_url}/api/v1/get_server_capabilities").json()
+        assert body["supported_models"][0]["modalities"] == ["text", "image"]
+        sc = srv.client(KEY)
+        tc = sc.create_lora_training_client(base_model=srv.model, rank=4).result()
+        out = tc.forward([image_datum(data)], "cross_entropy").result(timeout=120)
+        got = out.loss_fn_outputs[0]["logprobs"].to_torch()
+        sampler = sc.create_sampling_client(base_model=srv.model).result()
+        params = types.SamplingParams(max_tokens=6, temperature=0.0, stop=[])
+        sampled = sampler.sample(model_input(data), 1, params).result(timeout=120)
+    model = tf.Gemma3ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    pixels = AutoImageProcessor.from_pretrained(model_dir)(images=[image], return_tensors="pt")
+    seq = full_sequence()
+    ids = torch.tensor([seq])
+    ids[ids == 0] = IMAGE_PAD
+    types_ = (ids == IMAGE_PAD).long()
+    config = GenerationConfig(
+        max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=256
+    )
+    with torch.no_grad():
+        logits = model.eval()(
+            input_ids=ids[:, :-1],
+            pixel_values=pixels["pixel_values"],
+            token_type_ids=types_[:, :-1],
+        ).logits[0]
+        generated = model.generate(
+            input_ids=ids,
+            pixel_values=pixels["pixel_values"],
+            token_type_ids=types_,
+            generation_config=config,
+        )
+    want = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(seq[1:])[:, None])[:, 0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert sampled.sequences[0].tokens == generated[0, len(seq) :].tolist()

@@ -150,7 +150,7 @@ def deepseek_v3() -> tuple[type, object]:
 
 
 def qwen3_5() -> tuple[type, object]:
-    """A Qwen3.5 checkpoint as shipped (the multimodal class); it loads text-only."""
+    """A Qwen3.5 checkpoint as shipped: the multimodal class, which it loads as (images too)."""
     return tf.Qwen3_5ForConditionalGeneration, tf.Qwen3_5Config(
         text_config={**TEXT, **LINEAR_ATTN},
         vision_config={**QWEN_VISION, "num_position_embeddings": 16},
@@ -250,6 +250,7 @@ class Family:
     loads_as: str
     targets: tuple[str, ...]
     moe: bool = False
+    images: bool = False  # takes images (ImageChunk) as it loads
 
 
 FAMILIES: dict[str, Family] = {
@@ -261,15 +262,17 @@ FAMILIES: dict[str, Family] = {
     "qwen3_5": Family(
         "Qwen3.5",
         qwen3_5,
-        "Qwen3_5ForCausalLM",
+        "Qwen3_5ForConditionalGeneration",
         (*ATTN, *LINEAR_ATTN_TARGETS, *MLP, "lm_head"),
+        images=True,
     ),
     "qwen3_5_moe": Family(
         "Qwen3.5-MoE",
         qwen3_5_moe,
-        "Qwen3_5MoeForCausalLM",
+        "Qwen3_5MoeForConditionalGeneration",
         (*ATTN, *LINEAR_ATTN_TARGETS, *MLP, "shared_expert_gate", *EXPERTS, "lm_head"),
         moe=True,
+        images=True,
     ),
     "mistral": Family("Mistral", mistral, "MistralForCausalLM", (*ATTN, *MLP, "lm_head")),
     "gemma2": Family("Gemma 2", gemma2, "Gemma2ForCausalLM", (*ATTN, *MLP, "lm_head")),
@@ -281,6 +284,7 @@ FAMILIES: dict[str, Family] = {
         gemma3,
         "Gemma3ForConditionalGeneration",
         (*ATTN, *MLP, "lm_head"),
+        images=True,
     ),
     "phi3": Family(
         "Phi-3",
@@ -312,9 +316,14 @@ FAMILIES: dict[str, Family] = {
         qwen2_5_vl,
         "Qwen2_5_VLForConditionalGeneration",
         (*ATTN, *MLP, "lm_head"),
+        images=True,
     ),
     "qwen3_vl": Family(
-        "Qwen3-VL", qwen3_vl, "Qwen3VLForConditionalGeneration", (*ATTN, *MLP, "lm_head")
+        "Qwen3-VL",
+        qwen3_vl,
+        "Qwen3VLForConditionalGeneration",
+        (*ATTN, *MLP, "lm_head"),
+        images=True,
     ),
     "qwen3_vl_moe": Family(
         "Qwen3-VL-MoE",
@@ -322,6 +331,7 @@ FAMILIES: dict[str, Family] = {
         "Qwen3VLMoeForConditionalGeneration",
         (*ATTN, *EXPERTS, "lm_head"),
         moe=True,
+        images=True,
     ),
 }
 

@@ -10,7 +10,9 @@ transformers / PEFT:
   log-probs and gradients of separate runs;
 - greedy sampling of a batch mixing the base model and two adapters of different rank (prompts
   of different lengths, left-padded) equals transformers' `generate` per row;
-- an exported adapter loads in PEFT (`PeftModel.from_pretrained`) with equal logits.
+- an exported adapter loads in PEFT (`PeftModel.from_pretrained`) with equal logits;
+- it takes images (`ImageChunk`) or not, as the table says (`Family.images`; the image path
+  itself is compared with transformers in tests/unit/test_vision_layer.py).
 
 MODELS.md at the repo root is generated from the same table (`render_models_md`): run with
 TINKERD_WRITE_MODELS=1 to rewrite it; otherwise `test_models_md_is_up_to_date` fails when it has
@@ -130,6 +132,12 @@ def plain_model(path: Path) -> torch.nn.Module:
 
 
 # -- the checks ------------------------------------------------------------------------------
+
+
+@each_family("images")
+def test_image_input_as_listed(family: Setup) -> None:
+    """The loaded model takes images exactly when its family is listed with image input."""
+    assert (family.worker.vision is not None) == FAMILIES[family.name].images
 
 
 @each_family("load")
@@ -321,15 +329,22 @@ def render_models_md() -> str:
         "- **PEFT round trip**: the exported adapter loads with `PeftModel.from_pretrained` and",
         "  gives the same logits.",
         "",
-        "Vision-language models are trained and sampled on text; their vision towers get no LoRA.",
+        "Vision-language models train and sample on text; their vision towers get no LoRA.",
+        "**image input** ✓: `ImageChunk`s in `forward_backward` and `sample` too (the model's own",
+        "image processor; forward and greedy sampling equal transformers',",
+        "`tests/unit/test_vision_layer.py`). Qwen3.5 checkpoints load as the multimodal class",
+        "they declare, so they take images through the Qwen-VL path.",
         "",
-        "| family | class tinkerd loads | LoRA targets | " + " | ".join(CHECKS.values()) + " |",
-        "| --- | --- | --- | " + " | ".join("---" for _ in CHECKS) + " |",
+        "| family | class tinkerd loads | LoRA targets | "
+        + " | ".join(CHECKS.values())
+        + " | image input |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in CHECKS) + " | --- |",
     ]
     for name, spec in FAMILIES.items():
         targets = ", ".join(f"`{t}`" for t in spec.targets)
         checks = " | ".join(cell(name, c) for c in CHECKS)
-        lines.append(f"| {spec.title} | `{spec.loads_as}` | {targets} | {checks} |")
+        images = "✓" if spec.images else "–"
+        lines.append(f"| {spec.title} | `{spec.loads_as}` | {targets} | {checks} | {images} |")
     return "\n".join(lines) + "\n\n"
 
 

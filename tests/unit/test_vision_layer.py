@@ -1,12 +1,19 @@
-"""Image input through the model layer, on tiny random-init Qwen-VL models built in code
-(Qwen2.5-VL, Qwen3-VL, Qwen2-VL, Qwen3-VL-MoE), and its wire decoding.
+"""Image input through the model layer, on tiny random-init VL models built in code
+(Qwen2.5-VL, Qwen3-VL, Qwen2-VL, Qwen3-VL-MoE, Gemma 3, Qwen3.5), and its wire decoding.
 
-Each model is saved with its image processor config (patch size, merge 2, temporal patch 2 as
-its vision config; min/max pixels for 4 to 16 image tokens): a 56x56 image is 4 tokens.
-Everything is compared against plain transformers: forward with `pixel_values` /
-`image_grid_thw`, and `generate` with the same inputs.
+Each model is saved with its image processor config. Qwen-VL: patch size, merge 2, temporal
+patch 2 as its vision config, min/max pixels for 4 to 16 image tokens: a 56x56 image is 4
+tokens. Gemma 3: every image is resized to 56x56, 4 soft tokens. Everything is compared
+against plain transformers: forward with `pixel_values` (and `image_grid_thw` for Qwen-VL,
+`token_type_ids` for Gemma 3's bidirectional attention within an image), and `generate` with
+the same inputs.
+
+Qwen3.5: a checkpoint that declares the multimodal `Qwen3_5ForConditionalGeneration` loads as
+it and takes images through the same Qwen-VL path; a text-only Qwen3.5 (`Qwen3_5ForCausalLM`)
+refuses them (`test_text_only_qwen3_5_refuses_images`).
 """
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -16,11 +23,13 @@ import torch
 from PIL import Image
 from tinker import types as T
 from tinker.proto import request_conv
-from transformers import GenerationConfig
+from transformers import GenerationConfig, Qwen3_5ForCausalLM
 from vision_models import (
     IMAGE_PAD,
     VISION_END,
     VISION_START,
+    build_gemma3,
+    build_qwen3_5,
     build_qwen_vl,
     image_bytes,
 )
@@ -41,11 +50,19 @@ from tinkerd.model.types import (
 from tinkerd.model.vision import ImageError, check_input
 from tinkerd.model.worker import ModelWorker
 
+FAMILIES = ["qwen2_5_vl", "qwen3_vl", "qwen2_vl", "qwen3_vl_moe", "gemma3", "qwen3_5"]
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl", "qwen2_vl", "qwen3_vl_moe"])
+
+@pytest.fixture(scope="module", params=FAMILIES)
 def vl_base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> BaseModel:
-    path = build_qwen_vl(tmp_path_factory.mktemp(request.param), request.param)
-    return load_base_model(str(path), data_dir=tmp_path_factory.mktemp("data"))
+    where = tmp_path_factory.mktemp(request.param)
+    data_dir = tmp_path_factory.mktemp("data")
+    if request.param == "qwen3_5":
+        base = load_base_model(str(build_qwen3_5(where)), data_dir=data_dir)
+        assert type(base.model).__name__ == "Qwen3_5ForConditionalGeneration"
+        return base
+    path = build_gemma3(where) if request.param == "gemma3" else build_qwen_vl(where, request.param)
+    return load_base_model(str(path), data_dir=data_dir)
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +104,13 @@ def text_datum(tokens: list[int]) -> Datum:
     )
 
 
+def gemma(worker: ModelWorker) -> bool:
+    return worker.vision is not None and worker.vision.kind == "gemma3"
+
+
 def reference_inputs(worker: ModelWorker, datum: Datum) -> dict[str, torch.Tensor]:
-    """What a transformers user passes: input_ids with <|image_pad|>, pixel_values, grid."""
+    """What a transformers user passes: input_ids with the image token, pixel_values, and the
+    grid (Qwen-VL) or token types (Gemma 3: 1 at image positions)."""
     ids = torch.tensor([datum.tokens])
     pixels, grids = [], []
     for image in datum.images:
@@ -97,7 +119,13 @@ def reference_inputs(worker: ModelWorker, datum: Datum) -> dict[str, torch.Tenso
         pil = Image.open(io.BytesIO(image.data)).convert("RGB")
         out = processor(images=[pil], return_tensors="pt")
         pixels.append(out["pixel_values"])
-        grids.append(out["image_grid_thw"])
+        grids.append(out.get("image_grid_thw"))
+    if gemma(worker):
+        return {
+            "input_ids": ids,
+            "pixel_values": torch.cat(pixels),
+            "token_type_ids": (ids == IMAGE_PAD).long(),
+        }
     return {
         "input_ids": ids,
         "pixel_values": torch.cat(pixels),
@@ -126,11 +154,20 @@ def test_capability_and_token_count(worker: ModelWorker) -> None:
     datum = prepared(worker, image_datum(image_bytes(0)))
     image = datum.images[0]
     patch = worker.base.model.config.vision_config.patch_size
-    assert image.grid_thw.tolist() == [1, 4, 4]
-    assert image.pixel_values.shape == (16, 3 * 2 * patch * patch)
-    # A larger image has more tokens: 112x84 -> 12 (resized to a multiple of 2 patches).
+    if gemma(worker):  # one 56x56 image, 4 soft tokens, whatever its size
+        assert image.grid_thw is None and image.pixel_values.shape == (1, 3, 56, 56)
+        big_tokens = 4
+    else:
+        assert image.grid_thw.tolist() == [1, 4, 4]
+        assert image.pixel_values.shape == (16, 3 * 2 * patch * patch)
+        # A larger image has more tokens: 112x84 -> 12 (resized to a multiple of 2 patches).
+        big_tokens = 12
+    # The image positions now hold the image token (the codec sent placeholders 0).
+    assert datum.tokens[image.position : image.position + 4] == [IMAGE_PAD] * 4
     big = ImageInput(0, 1, image_bytes(1, (112, 84), "JPEG"), "jpeg", "prompt.chunks[0]")
-    with pytest.raises(ImageError, match=r"prompt.chunks\[0\]: Expected 1 tokens, got 12 from"):
+    with pytest.raises(
+        ImageError, match=rf"prompt.chunks\[0\]: Expected 1 tokens, got {big_tokens} from"
+    ):
         check_input([0], [big], worker.vision, "m", "prompt")
 
 
@@ -140,8 +177,16 @@ def test_forward_logprobs_equal_the_models_own(worker: ModelWorker) -> None:
     model = worker.base.model
     with torch.no_grad():
         logits = model(**reference_inputs(worker, datum)).logits[0].float()
-    want = torch.log_softmax(logits, -1).gather(1, datum.loss_fn_inputs["target_tokens"][:, None])
+    targets = datum.loss_fn_inputs["target_tokens"][:, None]
+    want = torch.log_softmax(logits, -1).gather(1, targets)
     torch.testing.assert_close(out.loss_fn_outputs[0]["logprobs"], want[:, 0], atol=1e-5, rtol=0)
+    if gemma(worker):
+        # The image's tokens see each other both ways: a causal-only forward differs.
+        causal = {k: v for k, v in reference_inputs(worker, datum).items() if k != "token_type_ids"}
+        with torch.no_grad():
+            logits = model(**causal).logits[0].float()
+        other = torch.log_softmax(logits, -1).gather(1, targets)
+        assert not torch.allclose(other[:, 0], want[:, 0], atol=1e-3)
 
 
 def test_loss_changes_with_the_image_only(worker: ModelWorker) -> None:
@@ -229,7 +274,8 @@ def test_greedy_with_image_equals_generate(worker: ModelWorker) -> None:
 
 def test_mixed_sample_batch_equals_separate_runs(worker: ModelWorker) -> None:
     """Left-padded prefill of rows with and without images, different lengths, then decode
-    steps with each image row's rope delta; also prompt logprobs (None at image positions)."""
+    steps with each image row's rope delta; also prompt logprobs (at image positions: of the
+    image token, as transformers scores the model's own input ids)."""
     items = [
         sample_input(image_bytes(0), prompt_logprobs=True),
         sample_input(None, 8),
@@ -243,10 +289,15 @@ def test_mixed_sample_batch_equals_separate_runs(worker: ModelWorker) -> None:
         assert a.sequences[0].tokens == t.sequences[0].tokens
     assert together[0].sequences[0].tokens == generate_reference(worker, items[0], 6)
     plp = together[0].prompt_logprobs
-    start = len(TEXT_A) + 1
-    assert plp is not None and plp[start : start + 4] == [None] * 4
-    assert plp[start - 1] is not None and plp[start + 4] is not None
-    assert plp[start + 4] == pytest.approx(alone[0].prompt_logprobs[start + 4], abs=1e-5)
+    assert plp is not None and plp[0] is None
+    assert plp[1:] == pytest.approx(alone[0].prompt_logprobs[1:], abs=1e-5)
+    datum = Datum(items[0].prompt, {}, images=items[0].prompt_images)
+    inputs = reference_inputs(worker, datum)
+    with torch.no_grad():
+        logits = worker.base.model(**inputs).logits[0].float()
+    ids = inputs["input_ids"][0]
+    want = torch.log_softmax(logits[:-1], -1).gather(1, ids[1:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(plp[1:]), want, atol=1e-5, rtol=0)
 
 
 def test_image_errors(worker: ModelWorker) -> None:
@@ -262,6 +313,16 @@ def test_image_errors(worker: ModelWorker) -> None:
     # The image pad token outside an image chunk would be taken for an image.
     with pytest.raises(ImageError, match="placeholder token 300 at position 1"):
         check_input([1, IMAGE_PAD], [], worker.vision, "m", "prompt")
+
+
+def test_text_only_qwen3_5_refuses_images(tmp_path: Path) -> None:
+    base = load_base_model(str(build_qwen3_5(tmp_path / "q35")), data_dir=tmp_path / "data")
+    text_only = Qwen3_5ForCausalLM(base.model.config.text_config).eval().requires_grad_(False)
+    worker = ModelWorker(dataclasses.replace(base, model=text_only))
+    assert worker.vision is None
+    image = ImageInput(0, 4, image_bytes(0), "png", "prompt.chunks[0]")
+    with pytest.raises(ImageError, match=r"prompt.chunks\[0\]: model .* does not take images"):
+        worker.check_images([0] * 4, [image], "prompt")
 
 
 def test_text_model_refuses_images(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Tiny random-init Qwen-VL models built in code, saved with their image processor config and
-the byte-level tokenizer, and test images: shared by the model-layer and the end-to-end image
-tests (tests/unit/test_vision_layer.py, tests/e2e/test_vision_input.py)."""
+the byte-level tokenizer, and test images: shared by the model-layer, end-to-end and cookbook
+image tests (tests/unit/test_vision_layer.py, tests/e2e/test_vision_input.py,
+tests/conformance/test_vlm_classifier.py)."""
 
 import io
 from pathlib import Path
@@ -47,9 +48,28 @@ IDS = {
     "vision_end_token_id": VISION_END,
 }
 
+# Qwen's vision and think tokens as special tokens after the byte-level tokenizer's (256-258:
+# <|endoftext|>, <|im_start|>, <|im_end|>), ids 259-264: what the cookbook's Qwen-VL renderers
+# write as text and expect to be single tokens.
+QWEN_CHAT_TOKENS = [
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<think>",
+    "</think>",
+]
+CHAT_IDS = {
+    "image_token_id": 261,
+    "video_token_id": 262,
+    "vision_start_token_id": 259,
+    "vision_end_token_id": 260,
+}
 
-def qwen_vl(family: str) -> tuple[torch.nn.Module, int]:
-    """A tiny random-init model of the family and its vision patch size."""
+
+def qwen_vl(family: str, ids: dict[str, int] = IDS) -> tuple[torch.nn.Module, int]:
+    """A tiny random-init model of the family (special token ids `ids`) and its vision patch
+    size."""
     if family == "qwen2_5_vl":
         config = tf.Qwen2_5_VLConfig(
             text_config={**TEXT_CONFIG, "rope_parameters": dict(MROPE)},
@@ -59,7 +79,7 @@ def qwen_vl(family: str) -> tuple[torch.nn.Module, int]:
                 "window_size": 28,
                 "patch_size": 14,
             },
-            **IDS,
+            **ids,
             **SPECIAL,
         )
         return tf.Qwen2_5_VLForConditionalGeneration(config), 14
@@ -76,7 +96,7 @@ def qwen_vl(family: str) -> tuple[torch.nn.Module, int]:
                 "spatial_merge_size": 2,
                 "temporal_patch_size": 2,
             },
-            **IDS,
+            **ids,
             **SPECIAL,
         )
         return tf.Qwen2VLForConditionalGeneration(config), 14
@@ -99,7 +119,7 @@ def qwen_vl(family: str) -> tuple[torch.nn.Module, int]:
             "deepstack_visual_indexes": [0],
             "patch_size": 16,
         },
-        **IDS,
+        **ids,
     )
     model_class = (
         tf.Qwen3VLMoeForConditionalGeneration if moe else tf.Qwen3VLForConditionalGeneration
@@ -107,18 +127,27 @@ def qwen_vl(family: str) -> tuple[torch.nn.Module, int]:
     return model_class(config), 16
 
 
-def build_qwen_vl(path: Path, family: str = "qwen2_5_vl") -> Path:
+def qwen_chat_tokenizer() -> tf.PreTrainedTokenizerFast:
+    """The byte-level tokenizer with Qwen's vision and think special tokens (ids 259-264)."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_CHAT_TOKENS})
+    return tokenizer
+
+
+def build_qwen_vl(path: Path, family: str = "qwen2_5_vl", *, chat: bool = False) -> Path:
     """A tiny Qwen-VL with its image processor config and the byte-level tokenizer. Images
-    are resized to between 4 and 16 merged patches: 4 to 16 image tokens."""
+    are resized to between 4 and 16 merged patches: 4 to 16 image tokens. `chat`: Qwen's
+    special tokens in the tokenizer and config (`qwen_chat_tokenizer`, `CHAT_IDS`), for the
+    cookbook's renderers."""
     torch.manual_seed(0)
-    model, patch = qwen_vl(family)
+    model, patch = qwen_vl(family, CHAT_IDS if chat else IDS)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.08)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
+    (qwen_chat_tokenizer() if chat else tiny_tokenizer()).save_pretrained(path)
     unit = (patch * 2) ** 2  # one image token: a merge_size x merge_size block of patches
     processor = Qwen2VLImageProcessor(
         min_pixels=unit * 4, max_pixels=unit * 16, patch_size=patch, merge_size=2
@@ -134,3 +163,30 @@ def image_bytes(seed: int, size: tuple[int, int] = (56, 56), fmt: str = "PNG") -
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format=fmt)
     return buf.getvalue()
+
+
+def build_gemma3(path: Path) -> Path:
+    """A tiny Gemma 3 multimodal model (tests/lineup/families.py: SigLIP tower on 56x56 images,
+    4 image soft tokens per image, image token 300) with its image processor config."""
+    from lineup.families import build, gemma3
+
+    build(gemma3, path)
+    processor = tf.Gemma3ImageProcessorPil(size={"height": 56, "width": 56}, do_pan_and_scan=False)
+    processor.save_pretrained(path)
+    return path
+
+
+def build_qwen3_5(path: Path) -> Path:
+    """A tiny Qwen3.5 as shipped (`Qwen3_5ForConditionalGeneration`: linear + full attention,
+    a Qwen3-VL-style vision tower with patch 16; tests/lineup/families.py) with its image
+    processor config: 4 to 16 image tokens, a 56x56 image is 4."""
+    from lineup.families import build, qwen3_5
+
+    build(qwen3_5, path)
+    unit = (16 * 2) ** 2
+    processor = Qwen2VLImageProcessor(
+        min_pixels=unit * 4, max_pixels=unit * 16, patch_size=16, merge_size=2
+    )
+    processor.temporal_patch_size = 2
+    processor.save_pretrained(path)
+    return path

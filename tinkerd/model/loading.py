@@ -178,13 +178,20 @@ def load_base_model(
 
 
 def model_class(config: object) -> type:
-    """The auto class to load `config` with: `AutoModelForCausalLM` unless only
-    `AutoModelForImageTextToText` knows the config (a VL model without a causal-LM mapping).
-    Unknown configs (remote code) go to `AutoModelForCausalLM`, which reports them."""
+    """The auto class to load `config` with: `AutoModelForImageTextToText` when only it
+    knows the config (a VL model without a causal-LM mapping) or when the checkpoint declares
+    its image-text class (Qwen3.5 ships `Qwen3_5ForConditionalGeneration`, whose causal-LM
+    mapping is a text-only class that would drop the vision tower); else
+    `AutoModelForCausalLM`. Unknown configs (remote code) go to `AutoModelForCausalLM`, which
+    reports them."""
     kind = type(config)
+    image_text = AutoModelForImageTextToText._model_mapping
+    declared = (getattr(config, "architectures", None) or [None])[0]
+    if kind in image_text and image_text[kind].__name__ == declared:
+        return AutoModelForImageTextToText
     if kind in AutoModelForCausalLM._model_mapping:
         return AutoModelForCausalLM
-    if kind in AutoModelForImageTextToText._model_mapping:
+    if kind in image_text:
         return AutoModelForImageTextToText
     return AutoModelForCausalLM
 

@@ -303,8 +303,6 @@ def sample(
             use_cache=True,
         ).last_hidden_state
         prompt_outputs = [_prompt_extras(lora, hidden[i], r) for i, r in enumerate(reqs)]
-    for r, extras in zip(reqs, prompt_outputs, strict=True):
-        vision.unscore_image_positions(extras.prompt_logprobs, r.prompt_images)
     with lora.route(segments_for([r.adapter_id for r in reqs])):
         next_logits = unembed(lora, hidden[:, -1]).float()
 

@@ -37,6 +37,8 @@ TOKENIZER_FILES = (
     "merges.txt",
     "tokenizer.model",
     "generation_config.json",
+    # A VL model's image processor: clients (the cookbook's renderers) size image tokens with it.
+    "preprocessor_config.json",
 )
 # Keys that describe how the source tokenizer was loaded, not the tokenizer itself.
 _LOAD_STATE_KEYS = ("is_local", "local_files_only", "name_or_path", "_commit_hash")

@@ -27,8 +27,9 @@ class ImageInput:
     `position` on (placeholders there; the model splices in its vision embeddings).
 
     `data`/`format`: the bytes as sent (png or jpeg). `pixel_values` (patches, features) and
-    `grid_thw` (3,) are the model's image processor's output, set by `tinkerd.model.vision`.
-    `where` names the chunk for error messages (`data[0].model_input[1]`).
+    `grid_thw` (3,) are the model's image processor's output, set by `tinkerd.model.vision`
+    (`grid_thw` is None for Gemma 3, whose images are always one fixed grid). `where` names
+    the chunk for error messages (`data[0].model_input[1]`).
     """
 
     position: int

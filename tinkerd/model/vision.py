@@ -1,18 +1,26 @@
-"""Image input for Qwen-VL models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE).
+"""Image input for vision-language models: Qwen-VL (Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
+Qwen3-VL-MoE, and Qwen3.5 / Qwen3.5-MoE loaded as their multimodal class) and Gemma 3 (4B+).
 
 A model input is tokens plus images at positions (`ImageInput`): an image fills
 `expected_tokens` positions of the token list, as the SDK counts `ModelInput.length`. Here:
 
 * `prepare_images` decodes each image with PIL (png or jpeg, bounded in bytes and pixels),
   runs the model's own image processor (`AutoImageProcessor` from the model's directory) and
-  checks that the number of image tokens it gives, `grid_t * grid_h * grid_w / merge_size**2`,
-  equals the client's `expected_tokens` (hosted Tinker's message: "Expected 63 tokens, got 70
-  from image").
-* `model_inputs` builds the VL forward's inputs for a padded batch: the image pad token
-  (`config.image_token_id`) at every image position, `pixel_values` concatenated in row order
-  with each image's `image_grid_thw`, and M-RoPE `position_ids` (3, B, L) from the model's own
-  `get_rope_index` (rows without images get plain positions), plus each row's rope delta:
-  text after the images continues at `len(real tokens) + delta`, which decode steps use.
+  checks that the number of image tokens it gives equals the client's `expected_tokens`
+  (hosted Tinker's message: "Expected 63 tokens, got 70 from image"). Qwen-VL:
+  `grid_t * grid_h * grid_w / merge_size**2` (the image's size decides it); Gemma 3:
+  `mm_tokens_per_image` (256 on the real models: every image is resized to one square,
+  without pan-and-scan crops).
+* `check_input` writes the model's image token at every image position of the token list, as
+  the model's own processor (and vLLM's prompt) has it: prompt logprobs there score that token.
+* `model_inputs` builds the VL forward's inputs for a padded batch: `pixel_values`
+  concatenated in row order (the order the model scatters them into its image positions), and
+  - Qwen-VL: each image's `image_grid_thw`, and M-RoPE `position_ids` (3, B, L) from the
+    model's own `get_rope_index` (rows without images get plain positions), plus each row's
+    rope delta: text after the images continues at `len(real tokens) + delta`, which decode
+    steps use;
+  - Gemma 3: `token_type_ids` (1 at image positions), from which the model attends
+    bidirectionally within each image's span (causally elsewhere); positions stay plain.
 """
 
 import io
@@ -33,8 +41,11 @@ MAX_IMAGE_BYTES = 20 << 20
 MAX_IMAGE_PIXELS = 25_000_000
 MAX_IMAGE_TOKENS = 1 << 16
 
-# model_type values of the configs whose models take images here.
-QWEN_VL_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"})
+# model_type values of the configs whose models take images here, by how they take them.
+QWEN_VL_TYPES = frozenset(
+    {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"}
+)
+GEMMA3_TYPES = frozenset({"gemma3"})
 
 _PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg"}
 
@@ -44,18 +55,25 @@ class ImageError(ValueError):
 
 
 class VisionSupport:
-    """What a served model needs to take images: its ids and its image processor (loaded from
-    `source`, the model's directory or hub name, on first use)."""
+    """What a served model needs to take images: its ids, how its image processor's output
+    counts tokens, and the processor (loaded from `source`, the model's directory or hub
+    name, on first use)."""
 
     def __init__(self, config: Any, source: str, name: str) -> None:
         self.name = name
         self.source = source
+        self.kind = "gemma3" if config.model_type in GEMMA3_TYPES else "qwen_vl"
         self.image_token_id = int(config.image_token_id)
         video = getattr(config, "video_token_id", None)
         self.placeholder_ids = frozenset(
             {self.image_token_id} | ({int(video)} if video is not None else set())
         )
-        self.merge_size = int(config.vision_config.spatial_merge_size)
+        if self.kind == "gemma3":
+            self.merge_size = 1
+            self.tokens_per_image = int(config.mm_tokens_per_image)
+        else:
+            self.merge_size = int(config.vision_config.spatial_merge_size)
+            self.tokens_per_image = 0
         self._processor: Any = None
         self._lock = threading.Lock()
 
@@ -73,6 +91,15 @@ class VisionSupport:
                     ) from exc
             return self._processor
 
+    def process(self, pil: Any) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """The image's pixel values, its grid (Qwen-VL; None for Gemma 3) and token count."""
+        if self.kind == "gemma3":
+            out = self.processor()(images=[pil], return_tensors="pt", do_pan_and_scan=False)
+            return out["pixel_values"], None, self.tokens_per_image
+        out = self.processor()(images=[pil], return_tensors="pt")
+        grid = out["image_grid_thw"][0].long()
+        return out["pixel_values"], grid, self.num_tokens(grid)
+
     def num_tokens(self, grid_thw: torch.Tensor) -> int:
         return int(grid_thw.prod()) // self.merge_size**2
 
@@ -80,10 +107,16 @@ class VisionSupport:
 def vision_support(model: Any, source: str, name: str) -> VisionSupport | None:
     """The model's image support, or None for a model that does not take images."""
     config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) not in QWEN_VL_TYPES:
-        return None
+    kind = getattr(config, "model_type", None)
     inner = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    if not hasattr(inner, "get_rope_index") or not hasattr(inner, "visual"):
+    if kind in QWEN_VL_TYPES:
+        # The text-only classes of a VL config (Qwen3_5ForCausalLM) have no vision tower.
+        if not hasattr(inner, "get_rope_index") or not hasattr(inner, "visual"):
+            return None
+    elif kind in GEMMA3_TYPES:
+        if getattr(inner, "vision_tower", None) is None:
+            return None
+    else:
         return None
     return VisionSupport(config, source, name)
 
@@ -118,27 +151,25 @@ def decode_image(image: ImageInput) -> Any:
 def prepare_images(images: Sequence[ImageInput], support: VisionSupport) -> None:
     """Decode and process every image not yet processed; check its token count."""
     for image in images:
-        if image.pixel_values is not None and image.grid_thw is not None:
+        if image.pixel_values is not None:
             continue
         pil = decode_image(image)
         try:
-            out = support.processor()(images=[pil], return_tensors="pt")
+            pixel_values, grid, got = support.process(pil)
         except ImageError:
             raise
         except Exception as exc:  # the processor's own refusal (e.g. an image too small)
             raise ImageError(f"{image.where}: the image processor failed: {exc}") from exc
-        grid = out["image_grid_thw"][0].long()
-        got = support.num_tokens(grid)
         if got != image.num_tokens:
             raise ImageError(
                 f"{image.where}: Expected {image.num_tokens} tokens, got {got} from image"
             )
-        image.pixel_values = out["pixel_values"]
+        image.pixel_values = pixel_values
         image.grid_thw = grid
 
 
 def check_input(
-    tokens: Sequence[int],
+    tokens: list[int],
     images: Sequence[ImageInput],
     support: VisionSupport | None,
     model_name: str,
@@ -146,7 +177,8 @@ def check_input(
 ) -> None:
     """Validate one model input's images (and process them): the model takes images, they
     sit in order inside the tokens, and no text position holds the image pad token (the model
-    would take it for an image). `what` names the input (`data[0].model_input`, `prompt`)."""
+    would take it for an image). `what` names the input (`data[0].model_input`, `prompt`).
+    The image positions of `tokens` then hold the image token."""
     if support is None:
         if images:
             raise ImageError(f"{images[0].where}: model {model_name!r} does not take images")
@@ -169,6 +201,8 @@ def check_input(
                 "chunk; send images as image chunks"
             )
     prepare_images(images, support)
+    for p in inside:
+        tokens[p] = support.image_token_id
 
 
 def model_inputs(
@@ -180,10 +214,10 @@ def model_inputs(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Forward kwargs for a padded batch with images, and each row's rope delta (B,).
 
-    `inner`: the VL model body (`Qwen2_5_VLModel`, ...), whose `get_rope_index` gives the
-    M-RoPE positions. `ids` (B, L) is changed in place: image positions get the image pad id.
-    `offsets[b]`: where row b's tokens start (its left padding). Images are concatenated in
-    row order, which is the order the model scatters them into its placeholder positions.
+    `inner`: the VL model body (`Qwen2_5_VLModel`, `Gemma3Model`, ...). `ids` (B, L) is changed
+    in place: image positions get the image token. `offsets[b]`: where row b's tokens start
+    (its left padding). `attention_mask` (B, L): the padding of a left-padded batch (sampling),
+    None for a right-padded one (training).
     """
     image_token_id = int(inner.config.image_token_id)
     mm = torch.zeros(ids.shape, dtype=torch.int32, device=ids.device)
@@ -191,12 +225,19 @@ def model_inputs(
     grids: list[torch.Tensor] = []
     for b, (images, offset) in enumerate(zip(rows, offsets, strict=True)):
         for image in images:
-            assert image.pixel_values is not None and image.grid_thw is not None
+            assert image.pixel_values is not None
             start = offset + image.position
             ids[b, start : start + image.num_tokens] = image_token_id
             mm[b, start : start + image.num_tokens] = 1
             pixels.append(image.pixel_values)
-            grids.append(image.grid_thw)
+            if image.grid_thw is not None:
+                grids.append(image.grid_thw)
+    pixel_values = torch.cat(pixels).to(ids.device)
+    if inner.config.model_type in GEMMA3_TYPES:
+        kwargs = {"input_ids": ids, "pixel_values": pixel_values, "token_type_ids": mm.long()}
+        if attention_mask is not None:
+            kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return kwargs, torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
     grid_thw = torch.stack(grids).to(ids.device)
     position_ids, deltas = inner.get_rope_index(
         input_ids=ids,
@@ -206,20 +247,8 @@ def model_inputs(
     )
     kwargs = {
         "input_ids": ids,
-        "pixel_values": torch.cat(pixels).to(ids.device),
+        "pixel_values": pixel_values,
         "image_grid_thw": grid_thw,
         "position_ids": position_ids,
     }
     return kwargs, deltas.reshape(-1).to(ids.device)
-
-
-def unscore_image_positions(
-    prompt_logprobs: list[float | None] | None, images: Sequence[ImageInput]
-) -> None:
-    """Prompt logprobs at image positions are None (they have no token to score)."""
-    if prompt_logprobs is None:
-        return
-    for image in images:
-        end = min(image.position + image.num_tokens, len(prompt_logprobs))
-        for p in range(image.position, end):
-            prompt_logprobs[p] = None
