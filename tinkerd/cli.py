@@ -89,6 +89,34 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    vllm_python: Annotated[
+        Path | None,
+        typer.Option(
+            "--vllm-python",
+            help="Python of a vLLM venv (`make vllm-venv`): eligible samples run on a vLLM "
+            "sampler pool, see docs/vllm.md [env: TINKERD_VLLM_PYTHON]",
+            show_default=False,
+        ),
+    ] = None,
+    replicas: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--replicas",
+            help="Worker replicas on Ray: MODEL=N (N replicas of a served model) or MODEL=NxK "
+            "(each on K devices); repeatable; needs `pip install tinkerd[ray]` "
+            "[env: TINKERD_REPLICAS, JSON list: '[\"MODEL=2\"]']",
+            show_default=False,
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            help="Ray cluster to run replicas on (HOST:PORT of `ray start --head`); default: "
+            "a local Ray started and ended by tinkerd [env: TINKERD_RAY_ADDRESS]",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the Tinker-compatible HTTP server."""
     import signal
@@ -106,9 +134,13 @@ def serve(
         insecure=insecure or None,  # unset: TINKERD_INSECURE decides
         allow_slow_bf16=allow_slow_bf16 or None,  # unset: TINKERD_ALLOW_SLOW_BF16 decides
         log_format=log_format,
+        vllm_python=vllm_python,
+        replicas=replicas,
+        ray_address=ray_address,
     )
     registered = _check_exposure(settings)
     _check_models(settings)
+    _check_replicas(settings)
     _check_bf16(settings)
 
     # Imported after the check (they pull in torch), so a refusal is immediate.
@@ -161,6 +193,34 @@ def _check_models(settings: Settings) -> None:
                 err=True,
             )
             raise typer.Exit(2)
+
+
+def _check_replicas(settings: Settings) -> None:
+    """Refuse bad `--replicas` specs, or replicas without Ray installed, before loading."""
+    import importlib.util
+
+    if not settings.replicas:
+        return
+    try:
+        counts = settings.replica_counts()
+    except ValueError as exc:
+        typer.echo(f"tinkerd: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if importlib.util.find_spec("ray") is None:
+        typer.echo(
+            "tinkerd: --replicas runs workers on Ray, which is not installed: "
+            "pip install 'tinkerd[ray]'",
+            err=True,
+        )
+        raise typer.Exit(2)
+    gangs = [c.model for c in counts.values() if c.devices > 1]
+    if gangs and importlib.util.find_spec("tinkerd.engine.gang") is None:
+        typer.echo(
+            f"tinkerd: multi-device replicas (MODEL=NxK with K > 1, here {', '.join(gangs)}) "
+            "are not available in this build (tinkerd/engine/gang.py)",
+            err=True,
+        )
+        raise typer.Exit(2)
 
 
 def _store(settings: Settings) -> "Store":
@@ -281,6 +341,62 @@ def keys_revoke(
     typer.echo(f"revoked key {key_id} of user {rec.name!r}")
 
 
+@app.command("status")
+def status(
+    url: Annotated[str, typer.Option(help="The server's base URL")] = "http://127.0.0.1:8000",
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key", envvar="TINKER_API_KEY", help="An accepted API key [env: TINKER_API_KEY]"
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object, for scripts")] = False,
+) -> None:
+    """A running server's workers: per served model, each replica's process, node, devices,
+    state, runs, queue depth and memory (GET /api/v1/tinkerd/replicas)."""
+    import httpx
+
+    try:
+        answer = httpx.get(
+            f"{url.rstrip('/')}/api/v1/tinkerd/replicas",
+            headers={"X-API-Key": api_key or "tml-status"},
+            timeout=30,
+        )
+    except httpx.HTTPError as exc:
+        typer.echo(f"tinkerd status: no server at {url}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    if answer.status_code != 200:
+        typer.echo(f"tinkerd status: {answer.status_code} {answer.text}", err=True)
+        raise typer.Exit(1)
+    replicas = answer.json()["replicas"]
+    if as_json:
+        typer.echo(json.dumps({"url": url, "replicas": replicas}))
+        return
+    typer.echo(_status_table(replicas))
+
+
+def _status_table(replicas: list[dict]) -> str:
+    columns = ("model", "replica", "state", "pid", "node", "devices", "runs", "queue", "memory")
+    rows = [
+        (
+            r["model"],
+            str(r["replica"]),
+            r["state"],
+            str(r["pid"] or "-"),
+            r["node"] or "-",
+            r["devices"],
+            str(r["runs"]),
+            str(r["queue_depth"]),
+            "-" if r["memory_bytes"] is None else f"{r['memory_bytes'] / 2**20:.0f} MiB",
+        )
+        for r in replicas
+    ]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
 @app.command("prepare-model")
 def prepare_model(
     model: Annotated[list[str] | None, typer.Option(help="Model name or path (repeatable)")] = None,
@@ -389,6 +505,39 @@ def bench_engine(
     typer.echo(json.dumps(results))
 
 
+@bench_app.command("sample")
+def bench_sample(
+    model: Annotated[str | None, typer.Option(help="Model name or path")] = None,
+    data_dir: DataDirOption = None,
+    threads: Annotated[int, typer.Option(help="torch threads")] = 2,
+    tokens: Annotated[int, typer.Option(help="new tokens per sequence")] = 64,
+    engine: Annotated[
+        str, typer.Option(help="continuous, or static: the previous sampler, for (a)/(b)")
+    ] = "continuous",
+    server: Annotated[
+        bool, typer.Option(help="run (c): concurrent SDK clients on a real server")
+    ] = True,
+    dtype: Annotated[str | None, BenchDtypeOption] = None,
+) -> None:
+    """Sampling tokens/s and time to first token vs HF generate and the machine's limit."""
+    from tinkerd.bench.sample import SampleBenchConfig, run
+
+    if engine not in ("continuous", "static"):
+        raise typer.BadParameter("--engine must be continuous or static")
+    settings = _settings(data_dir=data_dir)
+    cfg = SampleBenchConfig(
+        data_dir=settings.data_dir,
+        threads=threads,
+        tokens=tokens,
+        engine=engine,
+        server=server,
+        dtype=dtype,
+    )
+    if model:
+        cfg = SampleBenchConfig(**{**cfg.__dict__, "model": model})
+    typer.echo(json.dumps(run(cfg)))
+
+
 @bench_app.command("api")
 def bench_api(
     model: Annotated[str | None, typer.Option(help="Model name or path")] = None,
@@ -411,6 +560,32 @@ def bench_api(
     )
     if model:
         cfg = ApiBenchConfig(**{**cfg.__dict__, "model": model})
+    typer.echo(json.dumps(run(cfg)))
+
+
+@bench_app.command("scale")
+def bench_scale(
+    model: Annotated[str | None, typer.Option(help="Model name or path (default: tiny)")] = None,
+    seconds: Annotated[float, typer.Option(help="load duration per configuration")] = 60.0,
+    clients: Annotated[int, typer.Option(help="concurrent SDK clients")] = 16,
+    replicas: Annotated[
+        list[int] | None, typer.Option(help="Ray replica counts to compare (repeatable)")
+    ] = None,
+    threads: Annotated[int, typer.Option(help="torch threads per worker")] = 1,
+    dtype: Annotated[str | None, BenchDtypeOption] = None,
+) -> None:
+    """The multi-tenant load on 1 in-process worker vs Ray replicas: throughput, p50/p99, and
+    the Ray hop's overhead per request."""
+    from tinkerd.bench.scale import ScaleBenchConfig, run
+
+    cfg = ScaleBenchConfig(
+        model=model,
+        seconds=seconds,
+        clients=clients,
+        replicas=tuple(replicas or [2]),
+        threads=threads,
+        dtype=dtype,
+    )
     typer.echo(json.dumps(run(cfg)))
 
 

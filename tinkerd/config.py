@@ -39,6 +39,33 @@ def parse_model_spec(spec: str) -> ModelSpec:
     return ModelSpec(name, source)
 
 
+@dataclass(frozen=True)
+class ReplicaCount:
+    """`--replicas MODEL=N` or `MODEL=NxK`: N replicas of the served model MODEL, each on K
+    devices (K > 1: a gang of SPMD processes, engine/gang.py)."""
+
+    model: str
+    replicas: int
+    devices: int = 1
+
+
+def parse_replica_count(spec: str) -> ReplicaCount:
+    """ValueError naming the spec for anything but MODEL=N or MODEL=NxK (N, K >= 1)."""
+    model, sep, count = spec.rpartition("=")
+    replicas, x, devices = count.strip().lower().partition("x")
+    model = model.strip()
+    try:
+        parsed = ReplicaCount(model, int(replicas), int(devices) if x else 1)
+    except ValueError:
+        parsed = None
+    if not sep or not model or parsed is None or parsed.replicas < 1 or parsed.devices < 1:
+        raise ValueError(
+            f"replicas {spec!r}: expected MODEL=N or MODEL=NxK with N, K >= 1 "
+            "(e.g. HuggingFaceTB/SmolLM2-135M-Instruct=2)"
+        )
+    return parsed
+
+
 class Settings(BaseSettings):
     """Every knob of tinkerd. Each field is also read from `TINKERD_<FIELD>` (upper case);
     list fields take JSON (`TINKERD_MODELS='["a", "b"]'`)."""
@@ -75,6 +102,15 @@ class Settings(BaseSettings):
     # Memory for frozen sampler weights (save_weights_for_sampler snapshots and loaded sampler
     # checkpoints); beyond it the oldest leave memory (saved ones reload from disk).
     sampler_memory_gb: float = Field(default=4.0, gt=0)
+    # Memory for prompt KV shared across sample requests (model/prefix_cache.py: a prompt's
+    # prefix is computed once per adapter snapshot; least recently used evicted). 0: off.
+    prefix_cache_mb: float = Field(default=512.0, ge=0)
+    # Decode time per scheduler turn before training work runs again (engine/scheduler.py:
+    # bounds how long sampling delays a training op, and the per-turn overhead).
+    sample_slice_ms: float = Field(default=50.0, gt=0)
+    # The vLLM venv's python (`make vllm-venv`; docs/vllm.md): set, eligible samples run on a
+    # vLLM sampler pool in that interpreter (tinkerd/engine/vllm_sampler.py). None: tinkerd's own.
+    vllm_python: Path | None = None
     long_poll_seconds: float = 30.0  # how long retrieve_future waits before try_again
     # Datums per forward_backward request that clients are told to send (the SDK splits
     # larger batches into chunks); None leaves the SDK's default (1024).
@@ -107,9 +143,34 @@ class Settings(BaseSettings):
     # request context: request_id, user, model, seq_id, kind; see tinkerd/logs.py).
     log_format: Literal["text", "json"] = "text"
 
+    # Worker replicas on Ray, per served model: MODEL=N or MODEL=NxK (K devices each). Empty:
+    # one in-process worker per model, no Ray (the default).
+    replicas: list[str] = Field(default_factory=list)
+    # An existing Ray cluster (`ray start --head` on this host, `ray start --address` on the
+    # others); None: tinkerd starts a local one and ends it on shutdown.
+    ray_address: str | None = None
+    # CPUs one CPU replica (or one rank of a gang) holds on the cluster; on CUDA each holds a GPU.
+    replica_cpus: float = Field(default=1.0, gt=0)
+    # Runs placed on a replica before new runs go to the next one (fill before spreading).
+    replica_max_runs: int = Field(default=16, ge=1)
+
     def model_specs(self) -> list[ModelSpec]:
         """`models`, parsed (ValueError for a malformed NAME=PATH)."""
         return [parse_model_spec(m) for m in self.models]
+
+    def replica_counts(self) -> dict[str, ReplicaCount]:
+        """`replicas`, parsed and checked against the served models (ValueError)."""
+        served = {spec.name for spec in self.model_specs()}
+        counts: dict[str, ReplicaCount] = {}
+        for spec in self.replicas:
+            count = parse_replica_count(spec)
+            if count.model not in served:
+                raise ValueError(
+                    f"replicas {spec!r}: {count.model!r} is not a served model "
+                    f"(served: {', '.join(sorted(served))})"
+                )
+            counts[count.model] = count
+        return counts
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'tinkerd.db'}"

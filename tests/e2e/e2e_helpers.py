@@ -52,14 +52,17 @@ def start_serve(
     port: int,
     log: IO[bytes],
     served_as: str | None = None,
+    extra_args: tuple[str, ...] = (),
     **env: str,
 ) -> subprocess.Popen[bytes]:
     """`tinkerd serve` on loopback `port` (one torch thread), its output into `log`; the model
-    under its path, or under `served_as` (`--model NAME=PATH`)."""
+    under its path, or under `served_as` (`--model NAME=PATH`); `extra_args` (e.g. a second
+    `--model`) after those."""
     full_env = {**os.environ, "TINKERD_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}
     launcher = [str(TINKERD)] if TINKERD.exists() else [sys.executable, "-m", "tinkerd.cli"]
     cmd = [*launcher, "serve", "--port", str(port), "--data-dir", str(data_dir)]
     cmd += ["--model", f"{served_as}={model_dir}" if served_as else str(model_dir)]
+    cmd += extra_args
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
 
 
@@ -85,6 +88,7 @@ def run_server(
     workdir: Path,
     port: int | None = None,
     served_as: str | None = None,
+    extra_args: tuple[str, ...] = (),
     **env: str,
 ) -> Iterator[Server]:
     """Start `tinkerd serve`, wait for /healthz, yield, then SIGTERM and check a clean exit.
@@ -99,6 +103,7 @@ def run_server(
             port,
             log,
             served_as,
+            extra_args,
             **{"TINKERD_LONG_POLL_SECONDS": "5", **env},
         )
     server = Server(f"http://127.0.0.1:{port}", served_as or str(model_dir), log_path, data_dir)

@@ -147,6 +147,10 @@ def test_console_shows_run_curve_checkpoint_and_chats(trained: Trained, browser:
     expect(page.locator("#sessions-table tbody")).to_contain_text(trained.run_id)
     page.click('#tabs button[data-tab="status"]')
     expect(page.locator("#queue-table tbody")).to_contain_text(server.model)
+    workers = page.locator("#replicas-table tbody tr")
+    expect(workers).to_have_count(1)  # the in-process worker (Ray replicas: one row each)
+    expect(workers.first).to_contain_text("ready")
+    expect(workers.first).to_contain_text("in-process")
 
     page.click('#tabs button[data-tab="playground"]')
     expect(page.locator(f'#pg-model option[value="{trained.sampler_path}"]')).to_have_count(1)

@@ -76,6 +76,10 @@ def test_counters_move_with_an_sdk_loop(scrapes, server) -> None:
     assert total(after, "tinkerd_snapshots_in_memory", model=server.model) >= 1
     assert ("tinkerd_queue_depth", frozenset({("model", server.model)})) in after
     assert ("tinkerd_futures_pending", frozenset()) in after
+    # One in-process worker, ready, never lost (Ray replicas: tests/ray/).
+    assert total(after, "tinkerd_replicas", model=server.model, state="ready") == 1
+    assert total(after, "tinkerd_replicas", model=server.model, state="restarting") == 0
+    assert total(after, "tinkerd_replica_losses_total", model=server.model) == 0
     # Route templates, never raw paths with ids.
     routes = {dict(ls).get("route") for n, ls in after if n == "tinkerd_http_requests_total"}
     assert not any(KEY in r or ":train:" in r for r in routes if r)

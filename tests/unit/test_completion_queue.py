@@ -11,6 +11,7 @@ from test_store import postgres_url, store, url  # noqa: F401  (fixtures)
 from tinkerd.api.futures import FutureHub
 from tinkerd.engine.ops import Op, Sample
 from tinkerd.engine.scheduler import ModelScheduler
+from tinkerd.engine.worker_handle import ModelFront
 from tinkerd.store import FutureRecord, SamplingSessionRecord, Store
 from tinkerd.store.store import CLIENT_SEQ_BLOCK
 
@@ -133,10 +134,13 @@ def test_hub_waiter_stays_while_another_poller_waits() -> None:
 
 
 class _Worker:
-    """Enough of a ModelWorker for a scheduler that is never started."""
+    """Enough of a worker handle for a scheduler that is never started."""
 
     class info:
         name = "fake"
+
+    def front(self) -> ModelFront:
+        return ModelFront(self.info, None, None, "fake")  # type: ignore[arg-type]
 
 
 def test_cancel_takes_only_queued_samples() -> None:

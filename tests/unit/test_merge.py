@@ -119,12 +119,23 @@ def test_vl_keeps_vision_tower(tmp_path: Path) -> None:
 
 
 def test_tied_vl_and_text_only_class(tmp_path: Path) -> None:
-    """Gemma 3 (multimodal class, tied embeddings) unties; Qwen3.5, served through its
-    text-only class, exports that class and says the vision tower is left out."""
+    """Gemma 3 (multimodal class, tied embeddings) unties; Qwen3.5 exports the multimodal
+    class it ships and is served as (vision tower included). A checkpoint whose declared
+    class tinkerd does not load (here a made-up one, so Qwen3.5 loads text-only) exports the
+    class served and says the rest is left out."""
     _, report = check_merged(build(gemma3, tmp_path / "gemma3"), tmp_path / "g")
     assert report["untied"]
-    _, report = check_merged(build(qwen3_5, tmp_path / "qwen3_5"), tmp_path / "q")
-    assert any("Qwen3_5ForConditionalGeneration" in n for n in report["notes"])
+    out, report = check_merged(build(qwen3_5, tmp_path / "qwen3_5"), tmp_path / "q")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3_5ForConditionalGeneration"]
+    assert not any("not included" in n for n in report["notes"])
+    model_dir = build(qwen3_5, tmp_path / "qwen3_5_other")
+    shipped = json.loads((model_dir / "config.json").read_text())
+    shipped["architectures"] = ["Qwen3_5ForSomethingElse"]
+    (model_dir / "config.json").write_text(json.dumps(shipped))
+    out, report = check_merged(model_dir, tmp_path / "q2")
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen3_5ForCausalLM"]
+    assert any("Qwen3_5ForSomethingElse" in n and "not included" in n for n in report["notes"])
 
 
 def test_bfloat16_cast_and_overwrite(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -313,6 +313,103 @@ def test_top_p_applies_to_top_k_renormalized() -> None:
 
 
 # ------------------------------------------------------------------------------------------
+# The batched inverse-CDF draw (`sampling.choose_tokens`)
+
+
+def _truncated(probs: torch.Tensor, keep: list[int]) -> torch.Tensor:
+    """`probs` restricted to the ids `keep` and renormalized."""
+    out = torch.zeros_like(probs)
+    out[keep] = probs[keep] / probs[keep].sum()
+    return out
+
+
+def test_batched_draw_follows_each_rows_distribution() -> None:
+    """One `choose_tokens` call over rows of four kinds (plain, temperature 0.5, top_k=3,
+    top_p=0.75), each row with its own seeded generator: every kind's empirical frequencies
+    match its (truncated, renormalized) distribution within 5 standard errors, and ids of
+    zero probability (first, middle, last: -inf logits) are never drawn. 600 ids: the draw
+    crosses blocks of `DRAW_BLOCK` and pads the last one."""
+    vocab, n = 600, 4000
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(vocab, generator=gen, dtype=torch.float64) * 2
+    logits[:20] += 4.0  # a few likely ids, a long tail spread over every block
+    logits[[0, 255, 256, 599]] = float("-inf")
+    logits = logits.float()
+    p1 = torch.softmax(logits.double(), -1)
+    p_half = torch.softmax(logits.double() / 0.5, -1)
+    top3 = torch.topk(p1, 3).indices.tolist()
+    order = torch.argsort(p1, descending=True)
+    before = torch.cumsum(p1[order], 0) - p1[order]  # mass of the more likely ids
+    nucleus = order[before < 0.75].tolist()
+    kinds = [
+        (SamplingParams(1, 1.0), p1),
+        (SamplingParams(1, 0.5), p_half),
+        (SamplingParams(1, 1.0, top_k=3), _truncated(p1, top3)),
+        (SamplingParams(1, 1.0, top_p=0.75), _truncated(p1, nucleus)),
+    ]
+    draws = [
+        sampling.Draw(kinds[i % 4][0], torch.Generator().manual_seed(1000 + i))
+        for i in range(4 * n)
+    ]
+    tokens = torch.tensor(
+        [c.token for c in sampling.choose_tokens(logits.expand(4 * n, vocab).clone(), draws)]
+    )
+    assert 1 < len(nucleus) < vocab // 2
+    for k, (_, expected) in enumerate(kinds):
+        freq = torch.bincount(tokens[k::4], minlength=vocab).double() / n
+        assert (freq[expected == 0] == 0).all(), k
+        bound = 5 * torch.sqrt(expected * (1 - expected) / n) + 1 / n
+        assert ((freq - expected).abs() <= bound).all(), (k, float((freq - expected).abs().max()))
+
+
+def test_inverse_cdf_edges_pick_ids_of_nonzero_weight() -> None:
+    """u at 0 and just below 1 (where u x total can round onto the total), with zero-weight
+    ids leading, trailing and between blocks, and unnormalized weights: the draw is the first
+    or last id of nonzero weight, never a zero-weight id or one past the vocabulary."""
+    vocab = 2 * sampling.DRAW_BLOCK + 7
+    weights = torch.zeros(3, vocab)
+    weights[0, [3, 300, vocab - 9]] = torch.tensor([0.2, 1e-30, 5.0])
+    weights[1, sampling.DRAW_BLOCK - 1] = 1.0  # a single id, the last of its block
+    weights[2, :] = 1.0 / vocab
+    weights[2, :5] = 0.0
+    last = float(1 - 2**-53)
+    for u, want in [(0.0, [3, sampling.DRAW_BLOCK - 1, 5]), (last, [vocab - 9, 255, vocab - 1])]:
+        ids, total = sampling._inverse_cdf(weights, torch.full((3,), u, dtype=torch.float64))
+        assert ids.tolist() == want
+        torch.testing.assert_close(total, weights.double().sum(-1))
+    # A target just past a block's end lands in the next block's first nonzero id.
+    u = torch.tensor([0.2 / (5.2 + 1e-30)], dtype=torch.float64)
+    ids, _ = sampling._inverse_cdf(weights[:1], u)
+    assert weights[0, int(ids[0])] > 0
+
+
+def test_a_rows_draws_depend_on_its_seed_only() -> None:
+    """A seeded row gives the same tokens and logprobs over 20 steps alone and among batch
+    mates of other params (greedy, top-k/top-p, another temperature, top-K logprobs)."""
+    gen = torch.Generator().manual_seed(5)
+    steps = [torch.randn(5, 300, generator=gen) for _ in range(20)]
+    params = SamplingParams(1, 0.9, top_k=40)
+    mates = [
+        SamplingParams(1, 0.0),
+        SamplingParams(1, 1.3, top_p=0.8),
+        SamplingParams(1, 1.0),
+        SamplingParams(1, 0.7, top_k=5, top_p=0.5),
+    ]
+    alone = torch.Generator().manual_seed(77)
+    batched = torch.Generator().manual_seed(77)
+    others = [torch.Generator().manual_seed(i) for i in range(4)]
+    for logits in steps:
+        [a] = sampling.choose_tokens(logits[2:3], [sampling.Draw(params, alone)])
+        draws = [sampling.Draw(p, g, 3) for p, g in zip(mates, others, strict=True)]
+        draws.insert(2, sampling.Draw(params, batched))
+        b = sampling.choose_tokens(logits, draws)[2]
+        assert b.token == a.token
+        assert b.logprob == pytest.approx(a.logprob, abs=1e-6)
+        assert b.behaviour_logprob == pytest.approx(a.behaviour_logprob, abs=1e-6)
+        assert b.base_logprob == pytest.approx(a.base_logprob, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
 # Seeds and num_samples
 
 

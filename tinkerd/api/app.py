@@ -6,11 +6,14 @@ a proxy glitch); unexpected failures are 500, which the SDK retries.
 """
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import torch
@@ -20,7 +23,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tinkerd import logs
-from tinkerd.api import anthropic_compat, console, openai_compat
+from tinkerd.api import anthropic_compat, console, openai_compat, replicas
 from tinkerd.api.auth import authenticator, bearer_key
 from tinkerd.api.body_limit import BodySizeLimit
 from tinkerd.api.custom_losses import CustomLosses
@@ -32,18 +35,23 @@ from tinkerd.api.metrics import (
     ServiceMetrics,
     metrics_endpoint,
 )
-from tinkerd.api.recovery import start_recovery
+from tinkerd.api.recovery import replay_moved_run, start_recovery
 from tinkerd.api.routes import router, skip_rejected_seq, validation_detail
 from tinkerd.api.service import ApiError, Service
 from tinkerd.api.traces import TraceRecorder
 from tinkerd.checkpoints.atomic import cleanup_leftovers
-from tinkerd.config import ModelSpec, Settings
+from tinkerd.config import ModelSpec, ReplicaCount, Settings
+from tinkerd.engine.replicas import ReplicaRouter, Scheduler
 from tinkerd.engine.run_state import RunStates
 from tinkerd.engine.scheduler import ModelScheduler
 from tinkerd.engine.telemetry import Fanout
+from tinkerd.engine.worker_handle import WorkerHandle
 from tinkerd.model.loading import BaseModel, load_base_model
 from tinkerd.model.worker import ModelWorker
 from tinkerd.store.store import Store
+
+if TYPE_CHECKING:
+    from tinkerd.engine.ray_worker import RayCluster
 
 log = logging.getLogger("tinkerd")
 request_log = logging.getLogger("tinkerd.requests")
@@ -135,19 +143,29 @@ def load_served_model(settings: Settings, spec: ModelSpec) -> BaseModel:
     )
 
 
-def build_schedulers(settings: Settings) -> dict[str, ModelScheduler]:
-    """Load each served model once and give it a worker and a scheduler thread."""
+def build_schedulers(settings: Settings) -> dict[str, Scheduler]:
+    """Load each served model once and give it a worker and a scheduler thread (or, with
+    `--replicas`, several workers on Ray behind a router: `build_router`)."""
     autocast = torch.bfloat16 if settings.dtype == "bfloat16" else None
     run_states = RunStates(settings.data_dir / "runs")
     cleanup_leftovers(run_states.root)
-    schedulers = {}
+    counts = settings.replica_counts()
+    schedulers: dict[str, Scheduler] = {}
     for spec in settings.model_specs():
+        if spec.name in counts:
+            schedulers[spec.name] = build_router(settings, spec, counts[spec.name], run_states)
+            continue
         base = load_served_model(settings, spec)
-        worker = ModelWorker(base, autocast_dtype=autocast)
+        worker = ModelWorker(
+            base,
+            autocast_dtype=autocast,
+            prefix_cache_bytes=int(settings.prefix_cache_mb * 2**20),
+        )
         budget = train_token_budget(worker, settings)
         schedulers[base.info.name] = ModelScheduler(
             worker,
             token_budget=budget,
+            sample_slice_seconds=settings.sample_slice_ms / 1000,
             run_states=run_states,
             state_every=settings.state_every,
             snapshot_memory_bytes=int(settings.sampler_memory_gb * 2**30),
@@ -155,20 +173,119 @@ def build_schedulers(settings: Settings) -> dict[str, ModelScheduler]:
     return schedulers
 
 
+def build_router(
+    settings: Settings, spec: ModelSpec, count: ReplicaCount, run_states: RunStates
+) -> Scheduler:
+    """`count.replicas` workers of one model on Ray (actors, or gangs of `count.devices`),
+    each driven by its own scheduler thread, behind one router. Run states and checkpoints
+    are paths under the data dir: every replica's machine must reach them (shared storage)."""
+    from tinkerd.engine.ray_worker import RayWorker, ReplicaSpec
+
+    cuda = settings.device.startswith("cuda")
+    replica = ReplicaSpec(
+        name=spec.name,
+        source=spec.source,
+        data_dir=settings.data_dir,
+        dtype=settings.dtype,
+        device="cuda" if cuda else settings.device,
+        trust_remote_code=spec.name in settings.trust_remote_code,
+        threads=settings.threads,
+        prefix_cache_bytes=int(settings.prefix_cache_mb * 2**20),
+    )
+    num_gpus = 1.0 if cuda else 0.0
+    handles: list[WorkerHandle] = []
+    for _ in range(count.replicas):
+        if count.devices > 1:
+            from tinkerd.engine.gang import GangWorker
+
+            handles.append(
+                GangWorker.create(
+                    replica, ranks=count.devices, num_cpus=settings.replica_cpus, num_gpus=num_gpus
+                )
+            )
+        else:
+            handles.append(
+                RayWorker.create(replica, num_cpus=settings.replica_cpus, num_gpus=num_gpus)
+            )
+    first: Any = handles[0]
+    gpu_memory = getattr(first, "activation_memory_gb", lambda: None)()
+    per_token = first.activation_bytes_per_token()
+    budget = _token_budget(settings, per_token, None, spec.name, gpu_memory)
+    schedulers = [
+        ModelScheduler(
+            handle,
+            token_budget=budget,
+            sample_slice_seconds=settings.sample_slice_ms / 1000,
+            run_states=run_states,
+            state_every=settings.state_every,
+            snapshot_memory_bytes=int(settings.sampler_memory_gb * 2**30),
+        )
+        for handle in handles
+    ]
+    log.info("%s: %d replicas on Ray (%s each)", spec.name, count.replicas, first.devices)
+    return ReplicaRouter(schedulers, max_runs=settings.replica_max_runs)
+
+
+def attach_vllm(settings: Settings, schedulers: dict[str, Scheduler]) -> None:
+    """A vLLM sampler pool (its own venv's runner process) beside each in-process model's
+    scheduler (docs/vllm.md); models on Ray replicas keep tinkerd's own sampler."""
+    from tinkerd.engine.vllm_sampler import VllmConfig, VllmSamplerPool
+
+    assert settings.vllm_python is not None
+    for name, scheduler in schedulers.items():
+        if not isinstance(scheduler, ModelScheduler):
+            log.warning("%s: runs on replicas; the vLLM sampler pool is not used for it", name)
+            continue
+        config = VllmConfig(
+            python=settings.vllm_python,
+            model_dir=Path(scheduler.front.source),
+            dtype=settings.dtype,
+        )
+        work_dir = settings.data_dir / "vllm" / name.replace("/", "--")
+        log.info("%s: starting the vLLM sampler pool (%s)", name, settings.vllm_python)
+        scheduler.attach_vllm(VllmSamplerPool.start(config, scheduler.front.info, work_dir))
+
+
+def start_ray(settings: Settings) -> "RayCluster | None":
+    """The Ray cluster `--replicas` run on (None without replicas)."""
+    counts = settings.replica_counts()
+    if not counts:
+        return None
+    from tinkerd.engine.ray_worker import RayCluster
+
+    cpus = sum(c.replicas * c.devices * settings.replica_cpus for c in counts.values())
+    return RayCluster(settings.ray_address, num_cpus=cpus)
+
+
 def train_token_budget(worker: ModelWorker, settings: Settings) -> int:
     """Padded tokens per forward_backward micro-batch: what fits the activation memory."""
+    cuda = worker.base.device if worker.base.device.type == "cuda" else None
+    return _token_budget(settings, worker.activation_bytes_per_token(), cuda, worker.info.name)
+
+
+def _token_budget(
+    settings: Settings,
+    per_token: int,
+    cuda: torch.device | None,
+    name: str,
+    gpu_memory_gb: float | None = None,
+) -> int:
+    """`per_token`: activation bytes per training token, measured on the worker; `cuda`: the
+    worker's device if it is a GPU this process can ask for its free memory; `gpu_memory_gb`:
+    what a remote GPU worker reported instead."""
     memory = settings.train_memory_gb
     if memory is None:
-        if worker.base.device.type == "cuda":
-            memory = torch.cuda.mem_get_info(worker.base.device)[0] / 2 / 2**30
+        if gpu_memory_gb is not None:
+            memory = gpu_memory_gb
+        elif cuda is not None:
+            memory = torch.cuda.mem_get_info(cuda)[0] / 2 / 2**30
         else:
             memory = min(8.0, max(1.0, psutil.virtual_memory().total / 4 / 2**30))
-    per_token = worker.activation_bytes_per_token()
     budget = max(1, min(settings.token_budget, int(memory * 2**30) // per_token))
     log.info(
         "%s: %.2f MB of activations per training token; micro-batches of up to %d tokens "
         "(%.1f GiB)",
-        worker.info.name,
+        name,
         per_token / 2**20,
         budget,
         memory,
@@ -200,7 +317,13 @@ def create_app(settings: Settings) -> FastAPI:
         checkpoint_root.mkdir(exist_ok=True)
         cleanup_leftovers(checkpoint_root)
         store = Store(settings.resolved_database_url())
-        schedulers = build_schedulers(settings)
+        ray_cluster = start_ray(settings)
+        try:
+            schedulers = build_schedulers(settings)
+        except BaseException:
+            if ray_cluster is not None:
+                ray_cluster.shutdown()
+            raise
         hub = FutureHub()
         hub.bind(asyncio.get_running_loop())
         service = Service(
@@ -217,7 +340,12 @@ def create_app(settings: Settings) -> FastAPI:
         engine_observer = Fanout(EngineMetrics(metrics), traces)
         for scheduler in schedulers.values():
             scheduler.telemetry = engine_observer
+        if settings.vllm_python is not None:
+            attach_vllm(settings, schedulers)
         metrics.watch(schedulers)
+        for scheduler in schedulers.values():
+            if isinstance(scheduler, ReplicaRouter):  # a lost replica's runs replay like this
+                scheduler.replay = functools.partial(replay_moved_run, service)
         start_recovery(service)
         for scheduler in schedulers.values():
             scheduler.start()
@@ -248,6 +376,8 @@ def create_app(settings: Settings) -> FastAPI:
             sweeper.cancel()
         for scheduler in schedulers.values():
             scheduler.stop()
+        if ray_cluster is not None:
+            ray_cluster.shutdown()
         store.close()
 
     app = FastAPI(title="tinkerd", version="0.1.0", lifespan=lifespan)
@@ -257,6 +387,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.metrics_token = settings.metrics_token
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
     app.include_router(router)
+    app.include_router(replicas.router)  # GET /api/v1/tinkerd/replicas
     app.include_router(openai_compat.router)  # OpenAI-/Anthropic-compatible inference
     app.include_router(anthropic_compat.router)
     app.include_router(console.router)  # the web console at /console (docs/console.md)

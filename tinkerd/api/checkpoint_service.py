@@ -141,7 +141,7 @@ class CheckpointService(ServiceBase):
             scheduler = self.schedulers.get(info.base_model)
             if scheduler is None:
                 raise ApiError(400, f"base model {info.base_model!r} is not served here")
-            source = getattr(scheduler.worker.base.model, "name_or_path", "") or info.base_model
+            source = scheduler.front.source
             try:
                 merge.export_merged(directory, source, target, checkpoint=str(tpath))
             except FileExistsError:

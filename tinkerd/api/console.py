@@ -13,13 +13,10 @@ from typing import Any
 from fastapi import APIRouter, Response
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from tinkerd.api import proto
 from tinkerd.api.routes import ERROR_RESPONSES, Svc, User
 from tinkerd.api.service import ApiError
-from tinkerd.store.db import FutureRow
 
 router = APIRouter(responses=ERROR_RESPONSES)
 
@@ -136,21 +133,12 @@ def _metrics_of(kind: str, result: bytes | None, result_type: str | None) -> dic
 def run_metrics(run_id: str, user: User, svc: Svc) -> RunMetrics:
     """Loss and metric curves of a run, from its stored forward_backward / optim_step results."""
     run = svc.run(run_id, user)  # 404 for another user's run, as for none
-    with Session(svc.store.engine) as s:
-        rows = s.execute(
-            select(FutureRow.kind, FutureRow.seq_id, FutureRow.result, FutureRow.result_type)
-            .where(
-                FutureRow.model_id == run.model_id,
-                FutureRow.status == "complete",
-                FutureRow.kind.in_(("forward_backward", "forward", "optim_step")),
-            )
-            .order_by(FutureRow.seq_id)
-        ).all()
+    rows = svc.store.completed_results(run.model_id, ("forward_backward", "forward", "optim_step"))
     points, steps = [], 0
-    for kind, seq_id, result, result_type in rows:
-        metrics = _metrics_of(kind, result, result_type)
-        points.append(MetricPoint(step=steps, seq_id=seq_id or 0, kind=kind, metrics=metrics))
-        if kind == "optim_step":
+    for r in rows:
+        metrics = _metrics_of(r.kind, r.result, r.result_type)
+        points.append(MetricPoint(step=steps, seq_id=r.seq_id or 0, kind=r.kind, metrics=metrics))
+        if r.kind == "optim_step":
             steps += 1
     return RunMetrics(
         training_run_id=run.model_id, base_model=run.base_model, steps=steps, points=points
@@ -164,22 +152,7 @@ def status(user: User, svc: Svc) -> ConsoleStatus:
         QueueState(model=name, queue_depth=scheduler.queued())
         for name, scheduler in svc.schedulers.items()
     ]
-    columns = (
-        FutureRow.request_id,
-        FutureRow.kind,
-        FutureRow.model_id,
-        FutureRow.seq_id,
-        FutureRow.error,
-        FutureRow.category,
-        FutureRow.completed_at,
-    )
-    with Session(svc.store.engine) as s:
-        rows = s.execute(
-            select(*columns)
-            .where(FutureRow.user == user, FutureRow.status == "failed")
-            .order_by(FutureRow.completed_at.desc(), FutureRow.request_id)
-            .limit(RECENT_ERRORS)
-        ).all()
+    rows = svc.store.recent_failures(user, RECENT_ERRORS)
     errors = [
         FailedFuture(
             request_id=r.request_id,

@@ -41,7 +41,7 @@ from tinkerd.api.service import ApiError, Service
 from tinkerd.checkpoints.paths import SCHEME, TinkerPath
 from tinkerd.checkpoints.peft_format import read_adapter_info
 from tinkerd.engine.ops import Op, Sample, UserError
-from tinkerd.engine.scheduler import ModelScheduler
+from tinkerd.engine.replicas import Scheduler
 from tinkerd.model.loading import BaseModelInfo
 from tinkerd.model.sampling import Choice as Drawn
 from tinkerd.model.sampling import validate_sample_input
@@ -147,17 +147,17 @@ class Model:
     (None: the base model itself)."""
 
     name: str  # as the caller wrote it; echoed back in responses
-    scheduler: ModelScheduler
+    scheduler: Scheduler
     adapter_id: str | None = None
     snapshot_dir: Path | None = None
 
     @property
     def info(self) -> BaseModelInfo:
-        return self.scheduler.worker.info
+        return self.scheduler.front.info
 
     @property
     def tokenizer(self) -> Any:
-        return self.scheduler.worker.base.tokenizer
+        return self.scheduler.front.tokenizer
 
 
 def resolve_model(service: Service, user: str, model: str) -> Model:
@@ -193,14 +193,14 @@ def resolve_model(service: Service, user: str, model: str) -> Model:
         raise InferenceError(404, f"checkpoint {path!r} not found", "model") from exc
     if scheduler is None:
         scheduler = _scheduler(service, trained_on)
-    elif scheduler.worker.info.name != trained_on:
+    elif scheduler.front.info.name != trained_on:
         raise InferenceError(
             400, f"model: checkpoint {path!r} was trained on {trained_on!r}, not {base!r}", "model"
         )
     return Model(model, scheduler, str(tpath), snapshot_dir)
 
 
-def _scheduler(service: Service, base_model: str) -> ModelScheduler:
+def _scheduler(service: Service, base_model: str) -> Scheduler:
     if base_model not in service.schedulers:
         served = ", ".join(service.schedulers)
         raise InferenceError(
@@ -614,8 +614,8 @@ async def stream(
     sample, interleaved as they come), then `Finished` with every Choice once all are done.
     Yields None when nothing else has gone out for KEEPALIVE_SECONDS (send a keep-alive).
     Raises InferenceError when a sample fails. If the stream is closed first (the client
-    left), ops that have not started are taken out of the queue, and a running batch's tokens
-    for it are dropped at the hook."""
+    left), its ops are cancelled: queued ones leave the queue, decoding ones leave the decode
+    batch at the next step (tokens drawn meanwhile are dropped at the hook)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
     gone = threading.Event()  # read by the hooks on the scheduler thread

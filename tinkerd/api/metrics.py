@@ -11,7 +11,8 @@ sources feed it:
   the session trace recorder (api/traces.py).
 - `EngineMetrics` (an engine `Telemetry`, called by each scheduler): queue wait per model,
   tokens trained and sampled, micro-batch rows / tokens / padding ratio, sampling batch
-  sizes; and, read at scrape time, queue depth and adapters / snapshots in memory.
+  sizes, prompt prefix-cache lookups and hits (hit rate: hits_total / lookups_total); and,
+  read at scrape time, queue depth and adapters / snapshots in memory.
 
 Access: `/metrics` is served when `metrics_enabled` (default on). With `TINKERD_METRICS_TOKEN`
 set, every scrape needs `Authorization: Bearer <token>` (Prometheus: `authorization:
@@ -38,7 +39,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -171,6 +172,18 @@ class Metrics:
             buckets=_ROW_BUCKETS,
             registry=r,
         )
+        self.prefix_lookups = Counter(
+            "tinkerd_prefix_cache_lookups",
+            "Sample prompts looked up in the prompt prefix cache",
+            ["model"],
+            registry=r,
+        )
+        self.prefix_hits = Counter(
+            "tinkerd_prefix_cache_hits",
+            "Sample prompts whose prefix KV came from the prefix cache",
+            ["model"],
+            registry=r,
+        )
         self.snapshot_state: dict[str, tuple[int, int]] = {}  # model -> (count, bytes)
         self._schedulers: Callable[[], Mapping[str, ModelScheduler]] = dict
         r.register(_EngineCollector(self))
@@ -192,7 +205,7 @@ class _EngineCollector(Collector):
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         families = {
             name: GaugeMetricFamily(name, doc, labels=["model"])
             for name, doc in (
@@ -222,6 +235,34 @@ class _EngineCollector(Collector):
             for name, value in values.items():
                 families[name].add_metric([model], value)
         yield from families.values()
+        yield from self._replicas()
+
+    def _replicas(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        """Workers by state, per model (one in-process worker, or the router's replicas), and
+        losses so far (each loss moves a replica's epoch on)."""
+        states = GaugeMetricFamily(
+            "tinkerd_replicas", "Worker replicas by state", labels=["model", "state"]
+        )
+        losses = CounterMetricFamily(
+            "tinkerd_replica_losses",
+            "Worker replicas lost (process or node died)",
+            labels=["model"],
+        )
+        for model, scheduler in self.metrics.schedulers().items():
+            counts = dict.fromkeys(("ready", "restarting", "lost"), 0)
+            replicas = getattr(scheduler, "replicas", [scheduler])
+            for replica in replicas:
+                if not replica.lost:
+                    counts["ready"] += 1
+                elif getattr(replica.handle, "dead", False):
+                    counts["lost"] += 1
+                else:
+                    counts["restarting"] += 1
+            for state, n in counts.items():
+                states.add_metric([model, state], n)
+            losses.add_metric([model], sum(r.epoch for r in replicas))
+        yield states
+        yield losses
 
 
 class EngineMetrics(Telemetry):
@@ -270,6 +311,10 @@ class EngineMetrics(Telemetry):
 
     def snapshots(self, model: str, count: int, total_bytes: int) -> None:
         self.m.snapshot_state[model] = (count, total_bytes)
+
+    def prefix_cache(self, model: str, lookups: int, hits: int) -> None:
+        self.m.prefix_lookups.labels(model).inc(lookups)
+        self.m.prefix_hits.labels(model).inc(hits)
 
 
 class ServiceHooks:

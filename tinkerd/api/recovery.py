@@ -36,33 +36,69 @@ class RecoveryReport:
     plan: list[tuple[str, str, list[int]]] = field(default_factory=list)
 
 
+@dataclass
+class RunReplay:
+    """One run's logged requests queued again."""
+
+    base_model: str
+    last_seq: int  # the run's last logged seq_id
+    seq_ids: list[int] = field(default_factory=list)  # queued again (others skipped)
+    request_ids: set[str] = field(default_factory=set)
+
+
+def replay_run(service: Service, model_id: str, last_seq: int | None = None) -> RunReplay | None:
+    """Queue the run's logged requests after its stored state, in seq_id order: completed
+    ones only for their effect, pending ones complete their futures, failed ones are skipped.
+    None if there is nothing to replay (or the run's base model is not served). Used at
+    startup and when a replica is lost (engine/replicas.py)."""
+    store = service.store
+    if last_seq is None:
+        last_seq = store.last_logged_seq_ids().get(model_id)
+    run = store.get_training_run(model_id)
+    scheduler = service.schedulers.get(run.base_model) if run else None
+    if run is None or scheduler is None or last_seq is None:
+        return None
+    state_seq = scheduler.state_seq_id(model_id)
+    start = 0 if state_seq is None else state_seq + 1
+    if last_seq < start:
+        return None
+    replay = RunReplay(run.base_model, last_seq)
+    for rec in store.futures_for_model(model_id, start):
+        assert rec.seq_id is not None
+        if rec.status == "failed" or (rec.status == "complete" and _only_saves(rec)):
+            scheduler.skip(model_id, rec.seq_id)
+            continue
+        service.replay(rec)
+        replay.request_ids.add(rec.request_id)
+        replay.seq_ids.append(rec.seq_id)
+    return replay
+
+
+def replay_moved_run(service: Service, model_id: str) -> int | None:
+    """`replay_run` for a run moved off a lost replica: its last logged seq_id, if any."""
+    replay = replay_run(service, model_id)
+    if replay is None:
+        return None
+    log.info(
+        "run %s: replaying %d logged requests on its new replica", model_id, len(replay.seq_ids)
+    )
+    return replay.last_seq
+
+
 def recover(service: Service) -> RecoveryReport:
     """Queue every run's logged requests after its stored state. Call before the schedulers
     start; then `resume_samples` in the background."""
     store, report = service.store, RecoveryReport()
     queued: set[str] = set()
     for model_id, last_seq in store.last_logged_seq_ids().items():
-        run = store.get_training_run(model_id)
-        scheduler = service.schedulers.get(run.base_model) if run else None
-        if run is None or scheduler is None:
-            continue  # its pending futures fail below (its base model is no longer served)
-        state_seq = scheduler.state_seq_id(model_id)
-        start = 0 if state_seq is None else state_seq + 1
-        if last_seq < start:
-            continue
+        replay = replay_run(service, model_id, last_seq)
+        if replay is None:
+            continue  # nothing after its state, or its base model is no longer served
         report.runs += 1
-        seq_ids: list[int] = []
-        for rec in store.futures_for_model(model_id, start):
-            assert rec.seq_id is not None
-            if rec.status == "failed" or (rec.status == "complete" and _only_saves(rec)):
-                scheduler.skip(model_id, rec.seq_id)
-                continue
-            service.replay(rec)
-            queued.add(rec.request_id)
-            report.replayed += 1
-            seq_ids.append(rec.seq_id)
-        report.waits.append((run.base_model, model_id, last_seq))
-        report.plan.append((run.base_model, model_id, seq_ids))
+        queued |= replay.request_ids
+        report.replayed += len(replay.request_ids)
+        report.waits.append((replay.base_model, model_id, last_seq))
+        report.plan.append((replay.base_model, model_id, replay.seq_ids))
     for rec in store.unfinished_futures():
         if rec.request_id in queued:
             continue

@@ -168,11 +168,11 @@ def capabilities(svc: Svc) -> dict[str, Any]:
     return {
         "supported_models": [
             {
-                "model_name": s.worker.info.name,
-                "max_context_length": s.worker.info.context_length,
+                "model_name": s.front.info.name,
+                "max_context_length": s.front.info.context_length,
                 "trainable": True,
                 "sampleable": True,
-                "modalities": ["text", "image"] if s.worker.vision else ["text"],
+                "modalities": ["text", "image"] if s.front.vision else ["text"],
             }
             for s in svc.schedulers.values()
         ]

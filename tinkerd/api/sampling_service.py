@@ -89,12 +89,12 @@ class SamplingService(CheckpointService):
             if body.get("target_prompt_logprobs") is not None:
                 target, target_layout = codec.target_prompt_ids(body["target_prompt_logprobs"])
             last_n = body.get("prompt_logprobs_last_n")
-            worker = scheduler.worker
+            worker = scheduler.front
             no_images = None if worker.vision else f"model {base_model!r} does not take images"
             prompt, images = codec.model_input(body["prompt"], no_images=no_images)
             # An absent max_tokens takes what the context leaves (at most 128); a given one
             # must fit with the prompt (validate_sample_input).
-            room = scheduler.worker.info.context_length - len(prompt)
+            room = scheduler.front.info.context_length - len(prompt)
             item = SampleInput(
                 adapter_id=adapter_id,
                 prompt=prompt,
@@ -109,7 +109,7 @@ class SamplingService(CheckpointService):
                 record_stability=record,
                 prompt_images=images,
             )
-            info = scheduler.worker.info
+            info = scheduler.front.info
             validate_sample_input(item, info.vocab_size, info.context_length)
             worker.check_images(item.prompt, item.prompt_images, "prompt")  # decodes them
         except (codec.CodecError, ValueError, TypeError) as exc:

@@ -25,7 +25,7 @@ from tinkerd.engine.ops import (
     Op,
     UserError,
 )
-from tinkerd.engine.scheduler import ModelScheduler
+from tinkerd.engine.replicas import Scheduler
 from tinkerd.model.loading import BaseModelInfo
 from tinkerd.model.losses import LossInputError
 from tinkerd.store.records import (
@@ -51,7 +51,7 @@ class ServiceBase:
     def __init__(
         self,
         store: Store,
-        schedulers: dict[str, ModelScheduler],
+        schedulers: dict[str, Scheduler],
         checkpoint_root: Path,
         hub: FutureHub,
         *,
@@ -71,9 +71,9 @@ class ServiceBase:
         self._download_secret: bytes | None = None
 
     def infos(self) -> list[BaseModelInfo]:
-        return [s.worker.info for s in self.schedulers.values()]
+        return [s.front.info for s in self.schedulers.values()]
 
-    def scheduler(self, base_model: str) -> ModelScheduler:
+    def scheduler(self, base_model: str) -> Scheduler:
         if base_model not in self.schedulers:
             served = ", ".join(self.schedulers)
             raise ApiError(404, f"base_model {base_model!r} is not served here; served: {served}")
@@ -111,7 +111,7 @@ class ServiceBase:
         user: str,
         kind: str,
         body: Any,
-        scheduler: ModelScheduler,
+        scheduler: Scheduler,
         make_op: Callable[[str], Op],
         *,
         model_id: str | None = None,

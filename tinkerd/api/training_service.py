@@ -30,7 +30,7 @@ from tinkerd.engine.ops import (
     SaveAdapter,
     SnapshotAdapter,
 )
-from tinkerd.engine.scheduler import ModelScheduler
+from tinkerd.engine.replicas import Scheduler
 from tinkerd.model.lora import LoraConfig
 from tinkerd.model.losses import LossInputError
 from tinkerd.model.optimizer import AdamParams, OptimStepResult
@@ -116,7 +116,7 @@ class TrainingService(CheckpointService):
 
     def get_info(self, user: str, model_id: str) -> dict[str, Any]:
         run = self.run(model_id, user)
-        info = self.scheduler(run.base_model).worker.info
+        info = self.scheduler(run.base_model).front.info
         return {
             "model_id": model_id,
             "model_data": {
@@ -171,11 +171,11 @@ class TrainingService(CheckpointService):
             raise ApiError(400, str(exc)) from exc
         run = self._training_target(user, msg.model_id, msg.seq_id)
         scheduler = self.scheduler(run.base_model)
-        info = scheduler.worker.info
+        info = scheduler.front.info
         # Bad data is refused here, before batching, so it never fails other tenants' rows.
         with self._rejection_skips_seq(run, msg.model_id, msg.seq_id):
             try:
-                worker = scheduler.worker
+                worker = scheduler.front
                 no_images = None if worker.vision else f"model {info.name!r} does not take images"
                 req = codec.forward_backward_data(msg, no_images=no_images)
                 item = ForwardBackwardInput(
@@ -345,7 +345,7 @@ class TrainingService(CheckpointService):
             raise ApiError(422, message)
 
     def _snapshot(
-        self, user: str, body: dict[str, Any], run: TrainingRunRecord, scheduler: ModelScheduler
+        self, user: str, body: dict[str, Any], run: TrainingRunRecord, scheduler: Scheduler
     ) -> Future:
         """Ephemeral save_weights_for_sampler: a frozen in-memory snapshot as a new sampler."""
         model_id, seq_id = body["model_id"], int(body["seq_id"])

@@ -43,6 +43,7 @@ def serve(
     dtype: str,
     log_path: Path | None = None,
     env: dict[str, str] | None = None,
+    extra_args: list[str] | None = None,
 ) -> Iterator[ServerProcess]:
     """Start `tinkerd serve`, wait for /healthz, yield it; SIGTERM and wait on exit. The log
     (stdout and stderr) goes to `log_path`, or nowhere."""
@@ -51,7 +52,7 @@ def serve(
     port = free_port()
     full_env = dict(os.environ, TINKERD_THREADS=str(threads), TINKERD_DTYPE=dtype, **(env or {}))
     cmd = [sys.executable, "-m", "tinkerd.cli", "serve", "--port", str(port)]
-    cmd += ["--data-dir", str(data_dir), "--model", model]
+    cmd += ["--data-dir", str(data_dir), "--model", model, *(extra_args or [])]
     with contextlib.ExitStack() as stack:
         out = stack.enter_context(open(log_path, "wb")) if log_path else subprocess.DEVNULL
         proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT)

@@ -1,4 +1,6 @@
-"""One scheduler thread per base model: it owns that model's worker and runs everything on it.
+"""One scheduler thread per worker: it drives that worker (a `WorkerHandle`: in-process, a Ray
+actor, or a gang) and runs everything on it. One per base model by default; with replicas, one
+per replica behind engine/replicas.py.
 
 Training: each run's ops execute strictly in `seq_id` order with no gaps; ops that arrive early
 wait (the SDK sends chunks 2..n before chunk 1), and a repeat of a seq_id is ignored. Every
@@ -8,12 +10,25 @@ but no batch can exhaust memory (the budget comes from the activation memory per
 at startup). Each op completes as soon as its own rows are done. Other ops (optim_step, saves,
 loads) run one at a time in their run's order.
 
-Sampling: pending sample ops of every sampling client are batched together, alternating with
-training so neither starves the other.
+Sampling (continuous batching, model/sample_engine.py): each loop iteration admits the queued
+sample ops of every sampling client into the worker's running decode batch (at most
+`sample_batch` requests and `sample_rows` sequences decode together; a request that does not
+fit waits, and no later one overtakes it), then runs decode steps for at most
+`sample_slice_seconds` (at least one step), then goes back to training. Finished requests
+complete at once; new ones join at the next iteration. Fairness bound: a training op that is
+at the head of its run waits at most one sampling turn (one admission prefill of the requests
+queued then + decode steps for `sample_slice_seconds`, plus the one step that crosses it)
+before its micro-batch runs; a queued sample op waits at most one loop's training work (the
+ops at the heads of the run queues when the loop began, at most 4 x `token_budget` tokens per
+run) before it is admitted. Neither waits for the other to finish.
 
 Durability: with `run_states`, each run's adapter and optimizer are written to disk after its
 creation or load and every `state_every` optim steps (engine/run_state.py). A run whose adapter
 is not in memory (released when idle, or after a restart) comes back from there on its next op.
+The worker reads and writes those files itself (paths cross, tensors do not).
+
+Worker loss: `ReplicaLost` from any worker call ends the loop iteration; `lose` fences every op
+held here (a late result cannot complete it) and hands the runs and sample ops to `on_lost`.
 """
 
 import dataclasses
@@ -21,10 +36,10 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from tinkerd.engine.adapter_files import read_adapter, write_adapter
+from tinkerd.engine.local_worker import LocalWorker
 from tinkerd.engine.ops import (
     CreateAdapter,
     ForwardBackward,
@@ -38,6 +53,8 @@ from tinkerd.engine.ops import (
 )
 from tinkerd.engine.run_state import RunStates
 from tinkerd.engine.telemetry import BatchPart, Telemetry
+from tinkerd.engine.vllm_sampler import VllmSamplerPool
+from tinkerd.engine.worker_handle import ReplicaLost, WorkerHandle
 from tinkerd.model.metrics import reduce_metrics
 from tinkerd.model.types import ForwardBackwardInput, ForwardBackwardOutput
 from tinkerd.model.worker import ModelWorker, UnknownAdapterError
@@ -68,38 +85,76 @@ class _Slice:
     end: int
 
 
+@dataclass
+class _Decoding:
+    """A sample op in the worker's decode batch."""
+
+    op: Op
+    admitted: float  # time.time()
+    sampled: int = 0  # tokens drawn so far
+    hook_failed: bool = False  # its on_token raised: no more calls
+
+
+LostCallback = Callable[["ModelScheduler", list[str], list[Op]], None]
+
+
 class ModelScheduler:
+    """The scheduler of one worker (one replica of a base model). `worker` is an in-process
+    `ModelWorker` (wrapped in a `LocalWorker`) or any `WorkerHandle`; the scheduler drives it
+    through `handle` and the api layer reads the model through `front`.
+
+    A handle that raises `ReplicaLost` marks this scheduler lost (`lose`): its epoch moves on,
+    every op it held is fenced (a late result can no longer complete it) and `on_lost` gets the
+    runs it held and the sample ops to run elsewhere (engine/replicas.py)."""
+
     def __init__(
         self,
-        worker: ModelWorker,
+        worker: WorkerHandle | ModelWorker,
         *,
         token_budget: int = 8192,
         sample_batch: int = 64,
+        sample_slice_seconds: float = 0.05,
+        sample_rows: int = 256,
         max_snapshots: int = 256,
         snapshot_memory_bytes: int = 4 << 30,
         run_states: RunStates | None = None,
         state_every: int = 8,
         telemetry: Telemetry | None = None,
+        on_lost: LostCallback | None = None,
+        on_released: Callable[[str], None] | None = None,
     ) -> None:
         self.worker = worker
+        local = isinstance(worker, ModelWorker)
+        self.handle: WorkerHandle = LocalWorker(worker) if local else worker
+        self.front = self.handle.front()
+        self.on_lost = on_lost
+        self.vllm_pool: VllmSamplerPool | None = None  # attach_vllm
+        self.on_released = on_released
+        self.epoch = 0  # moves on each time the worker is lost
+        self.lost = False
         self.telemetry = telemetry or Telemetry()  # observers (api/metrics.py, api/traces.py)
         self.token_budget = token_budget
-        self.sample_batch = sample_batch
+        self.sample_batch = sample_batch  # most requests decoding together
+        self.sample_slice_seconds = sample_slice_seconds  # decode time per loop iteration
+        self.sample_rows = sample_rows  # most sequences decoding together (KV memory)
         self.max_snapshots = max_snapshots
         self.snapshot_memory_bytes = snapshot_memory_bytes
         self.run_states = run_states
         self.state_every = state_every
-        # State files are written off the scheduler thread, in order (one writer).
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-state")
         self._release: set[str] = set()  # idle runs to move out of memory
         self._cv = threading.Condition()
         self._runs: dict[str, _RunQueue] = {}
         self._samples: deque[Op] = deque()
+        # Sample ops admitted to the worker's decode batch (scheduler thread only): request
+        # id -> (op, admission time, tokens drawn so far).
+        self._decoding: dict[str, _Decoding] = {}
+        self._prefix_seen = (0, 0)  # prefix-cache (lookups, hits) reported so far
+        self._cancelled: set[str] = set()  # decoding ops cancelled (under the lock)
         self._snapshots: deque[tuple[str, int]] = deque()  # (id, bytes) in memory, oldest first
         self._partial: dict[str, list[ForwardBackwardOutput]] = {}  # request_id -> slices done
         self._stopping = False
         self._thread = threading.Thread(
-            target=self._loop, name=f"scheduler:{worker.info.name}", daemon=True
+            target=self._loop, name=f"scheduler:{self.handle.info.name}", daemon=True
         )
 
     # -- called from other threads -------------------------------------------------------
@@ -112,32 +167,55 @@ class ModelScheduler:
             self._stopping = True
             self._cv.notify_all()
         self._thread.join(timeout)
-        self._writer.shutdown(wait=True)
+        self.handle.close()
+        if self.vllm_pool is not None:
+            self.vllm_pool.close()
 
-    def submit(self, op: Op) -> None:
-        """Queue an op. Training ops need `model_id` and `seq_id` (0 = the run's first)."""
+    def attach_vllm(self, pool: VllmSamplerPool) -> None:
+        """Send the sample ops vLLM serves faithfully to `pool` (engine/vllm_sampler.py); the
+        rest, and all of them if its runner dies, stay here. Before `start`."""
+        pool.fallback = self.submit
+        pool.telemetry = self.telemetry
+        self.vllm_pool = pool
+
+    def submit(self, op: Op) -> bool:
+        """Queue an op. Training ops need `model_id` and `seq_id` (0 = the run's first).
+        False if this scheduler's worker is lost: the op is not taken (the caller places it)."""
         with self._cv:
+            if self.lost:
+                return False
             if isinstance(op.action, Sample):
+                if self.vllm_pool is not None and self.vllm_pool.try_submit(op):
+                    return True
                 self._samples.append(op)
             else:
                 assert op.model_id is not None and op.seq_id is not None
                 queue = self._run_queue(op.model_id)
                 if op.seq_id < queue.next_seq or op.seq_id in queue.pending:
-                    return  # already applied or already queued: never apply twice
+                    return True  # already applied or already queued: never apply twice
                 queue.pending[op.seq_id] = op
             if not isinstance(op.action, _Skip):
                 self.telemetry.op_queued(self.worker.info.name, op.request_id, time.time())
             self._cv.notify_all()
+        return True
 
     def cancel_sample(self, request_id: str) -> Op | None:
-        """Take a queued sample op out before it starts; the caller fails it. None if it is
-        not queued here (started, done, or never here): it then runs to completion, since a
-        batch in progress is never interrupted."""
+        """Take a sample op out, queued or decoding (its rows leave the decode batch at the
+        next turn); the caller fails it. None if it is not here (done, or never here)."""
+        if self.vllm_pool is not None:
+            taken = self.vllm_pool.cancel(request_id)
+            if taken is not None:
+                return taken
         with self._cv:
             for i, op in enumerate(self._samples):
                 if op.request_id == request_id:
                     del self._samples[i]
                     return op
+            decoding = self._decoding.get(request_id)
+            if decoding is not None and not decoding.op.finished:
+                self._cancelled.add(request_id)
+                self._cv.notify_all()
+                return decoding.op
         return None
 
     def skip(self, model_id: str, seq_id: int) -> None:
@@ -177,14 +255,69 @@ class ModelScheduler:
         """Block until the run's ops up to `seq_id` are taken to run (or skipped): a sample op
         submitted after that runs after them, as this thread runs training ops first."""
         with self._cv:
+            epoch = self.epoch
             return self._cv.wait_for(
-                lambda: self._stopping or self._run_queue(model_id).next_seq > seq_id, timeout
+                lambda: (
+                    self._stopping
+                    or self.epoch != epoch
+                    or self._run_queue(model_id).next_seq > seq_id
+                ),
+                timeout,
             )
 
     def loaded_runs(self) -> list[str]:
         """Training runs whose adapters are in memory now (for tests and stats)."""
         with self._cv:
-            return [m for m in self._runs if self.worker.has_adapter(m)]
+            runs = list(self._runs)
+        try:
+            return [m for m in runs if self.handle.has_adapter(m)]
+        except ReplicaLost:
+            return []
+
+    def runs(self) -> list[str]:
+        """Training runs with a queue here (in memory, or about to be)."""
+        with self._cv:
+            return list(self._runs)
+
+    def lose(self, exc: BaseException, in_flight: Iterable[Op] = ()) -> None:
+        """The worker is gone: fence every training op held here (they are replayed from
+        the request log where their runs go next), and hand the runs and the sample ops not
+        finished to `on_lost`. Safe from any thread; once per loss."""
+        with self._cv:
+            if self.lost:
+                return
+            self.lost = True
+            self.epoch += 1
+            held = [op for q in self._runs.values() for op in q.pending.values()]
+            held += [op for op in in_flight if not op.finished]
+            runs = {m for m in self._runs} | {op.model_id for op in held if op.model_id}
+            samples = list(self._samples)
+            for op in held:
+                if isinstance(op.action, Sample):
+                    samples.append(op)
+                else:
+                    op.finished = True  # fenced: a late result of the lost worker is dropped
+            self._runs.clear()
+            self._samples.clear()
+            self._partial.clear()
+            self._release.clear()
+            self._snapshots.clear()
+            self._cv.notify_all()
+        log.warning(
+            "worker of %s lost (%s): %d runs and %d sample requests move",
+            self.handle.info.name,
+            exc,
+            len(runs),
+            len(samples),
+        )
+        if self.on_lost is not None:
+            self.on_lost(self, sorted(runs), samples)
+
+    def rejoin(self) -> None:
+        """The worker answers again (restarted, empty): take new runs."""
+        with self._cv:
+            self.lost = False
+            self._cv.notify_all()
 
     def queued(self) -> int:
         with self._cv:
@@ -195,6 +328,7 @@ class ModelScheduler:
     def _ready(self) -> bool:
         return (
             bool(self._samples)
+            or bool(self._decoding)
             or bool(self._release)
             or any(q.next_seq in q.pending for q in self._runs.values())
         )
@@ -207,25 +341,33 @@ class ModelScheduler:
                 if self._stopping:
                     return
                 barriers, slices = self._take_training()
-                samples = [
-                    self._samples.popleft()
-                    for _ in range(min(self.sample_batch, len(self._samples)))
-                ]
+                samples = self._take_samples()
                 releases = [m for m in self._release if not self._busy(m)]
                 self._release.difference_update(releases)
-            for op in barriers:
-                if not isinstance(op.action, _Skip):
-                    self.telemetry.op_started(self.worker.info.name, op.request_id, time.time())
-                self._run_barrier(op)
-            slices = [s for s in slices if self._restored(s.op)]
-            for batch in self._micro_batches(slices):
-                if self._stopping:
-                    break  # shutting down: what is left is replayed after the restart
-                self._run_forward_backward(batch)
-            for model_id in releases:
-                self._release_run(model_id)
-            if samples and not self._stopping:
-                self._run_samples(samples)
+            try:
+                self._run_training(barriers, slices, releases)
+            except ReplicaLost as exc:
+                self.lose(exc, [*barriers, *(s.op for s in slices), *samples, *self._sampling()])
+                continue
+            if (samples or self._decoding) and not self._stopping:
+                try:
+                    self._run_samples(samples)
+                except ReplicaLost as exc:
+                    self.lose(exc, [*samples, *self._sampling()])
+
+    def _run_training(self, barriers: list[Op], slices: list[_Slice], releases: list[str]) -> None:
+        """One loop's training work; ReplicaLost from any worker call ends it."""
+        for op in barriers:
+            if not isinstance(op.action, _Skip):
+                self.telemetry.op_started(self.worker.info.name, op.request_id, time.time())
+            self._run_barrier(op)
+        slices = [s for s in slices if self._restored(s.op)]
+        for batch in self._micro_batches(slices):
+            if self._stopping:
+                break  # shutting down: what is left is replayed after the restart
+            self._run_forward_backward(batch)
+        for model_id in releases:
+            self._release_run(model_id)
 
     def _take_training(self) -> tuple[list[Op], list[_Slice]]:
         """Under the lock: every run's head. A run contributes either its leading
@@ -289,7 +431,9 @@ class ModelScheduler:
             if s.start == 0:
                 self.telemetry.op_started(self.worker.info.name, s.op.request_id, start)
         try:
-            outputs = self.worker.forward_backward(inputs)
+            outputs = self.handle.forward_backward(inputs)
+        except ReplicaLost:
+            raise
         except Exception as exc:
             if len(batch) > 1:
                 log.warning("batched forward_backward failed (%s); retrying one by one", exc)
@@ -336,25 +480,32 @@ class ModelScheduler:
             if isinstance(action, _Skip):
                 result: object = None
             elif isinstance(action, CreateAdapter):
-                self.worker.add_adapter(model_id, action.config)
+                self.handle.add_adapter(model_id, action.config)
                 result = None
             elif isinstance(action, OptimStep):
-                result = self.worker.optim_step(model_id, action.params)
+                result = self.handle.optim_step(model_id, action.params)
             elif isinstance(action, SaveAdapter):
-                state = self.worker.export_adapter(model_id, with_optimizer=action.with_optimizer)
-                result = write_adapter(
-                    action.directory, state, action.base_model, overwrite=action.overwrite
+                result = self.handle.save_adapter(
+                    model_id,
+                    action.directory,
+                    action.base_model,
+                    with_optimizer=action.with_optimizer,
+                    overwrite=action.overwrite,
                 )
             elif isinstance(action, SnapshotAdapter):
-                self.worker.snapshot_adapter(model_id, action.snapshot_id)
+                self.handle.snapshot_adapter(model_id, action.snapshot_id)
                 self._remember_snapshot(action.snapshot_id)
+                self._publish_to_vllm(action.snapshot_id)
                 result = None
             elif isinstance(action, LoadAdapter):
-                state = read_adapter(action.directory, with_optimizer=action.with_optimizer)
-                self.worker.import_adapter(model_id, state)
+                self.handle.load_adapter(
+                    model_id, action.directory, with_optimizer=action.with_optimizer
+                )
                 result = None
             else:
                 raise TypeError(f"unknown action {action!r}")
+        except ReplicaLost:
+            raise
         except Exception as exc:
             op.fail(_classify(exc))
             return
@@ -367,13 +518,13 @@ class ModelScheduler:
         """Bring the op's run back into memory from its stored state if it is not there.
         False (and the op failed) if that fails; a run with no state is left to the op."""
         model_id = op.model_id
-        if model_id is None or self.worker.has_adapter(model_id) or self.run_states is None:
+        if model_id is None or self.run_states is None or self.handle.has_adapter(model_id):
             return True
         try:
-            state = self.run_states.read(model_id)
-            if state is not None:
-                self.worker.import_adapter(model_id, state)
+            if self.handle.read_state(model_id, self.run_states.root):
                 log.info("run %s restored from its stored state", model_id)
+        except ReplicaLost:
+            raise
         except Exception as exc:
             log.exception("run %s: stored state unreadable", model_id)
             op.fail(exc)
@@ -394,27 +545,17 @@ class ModelScheduler:
             elif not isinstance(op.action, (CreateAdapter, LoadAdapter)):
                 return
             queue.steps_since_state = 0
-        written = self._write_state(op.model_id, op.seq_id)
-        if not isinstance(op.action, OptimStep):
-            # A run's first state is written before its op completes: replaying its creation
-            # could not reproduce an unseeded initialization.
-            written.result()
+        # A run's first state is written before its op completes: replaying its creation
+        # could not reproduce an unseeded initialization. Later ones are written behind.
+        self._write_state(op.model_id, op.seq_id, wait=not isinstance(op.action, OptimStep))
 
-    def _write_state(self, model_id: str, seq_id: int) -> Future[None]:
-        """Copy the run's tensors now (on this thread); write them on the writer thread."""
+    def _write_state(self, model_id: str, seq_id: int, *, wait: bool) -> None:
+        """The worker copies the run's tensors now and writes them (in the background
+        unless `wait`), in order."""
         assert self.run_states is not None
-        run_states = self.run_states
-        state = self.worker.export_adapter(model_id, with_optimizer=True)
-        base_model = self.worker.info.name
-
-        def write() -> None:
-            try:
-                run_states.write(model_id, state, base_model, seq_id)
-            except Exception:
-                log.exception("run %s: writing its state failed (replay covers it)", model_id)
-                raise
-
-        return self._writer.submit(write)
+        self.handle.write_state(
+            model_id, self.run_states.root, self.handle.info.name, seq_id, wait=wait
+        )
 
     def _busy(self, model_id: str) -> bool:
         """Under the lock: the run has work queued (in-flight work of a loop iteration is
@@ -423,9 +564,9 @@ class ModelScheduler:
         return bool(queue and queue.pending)
 
     def _release_run(self, model_id: str) -> None:
-        if self.run_states is None or not self.worker.has_adapter(model_id):
+        if self.run_states is None or not self.handle.has_adapter(model_id):
             return
-        if self.worker.has_pending_grads(model_id):
+        if self.handle.has_pending_grads(model_id):
             return  # the state on disk cannot hold gradients; keep it until its optim_step
         with self._cv:
             queue = self._runs.get(model_id)
@@ -433,14 +574,19 @@ class ModelScheduler:
                 return
             seq_id = queue.next_seq - 1
         try:
-            self._write_state(model_id, seq_id).result()
+            self._write_state(model_id, seq_id, wait=True)
+        except ReplicaLost:
+            raise
         except Exception:
             return  # stays in memory
-        self.worker.remove_adapter(model_id)
+        self.handle.remove_adapter(model_id)
         with self._cv:
-            if not self._runs[model_id].pending:
+            released = not self._runs[model_id].pending
+            if released:
                 del self._runs[model_id]  # rebuilt from the stored state's seq_id on next use
         log.info("run %s released from memory (state at seq_id %d)", model_id, seq_id)
+        if released and self.on_released is not None:
+            self.on_released(model_id)  # it may come back on another replica
 
     def _remember_snapshot(self, snapshot_id: str) -> None:
         """Keep at most `max_snapshots` sampler snapshots, of at most `snapshot_memory_bytes`
@@ -448,31 +594,71 @@ class ModelScheduler:
         use; an ephemeral one answers "no longer available")."""
         # A snapshot taken again under the same id (an inflight target) moves to the back.
         self._snapshots = deque((i, n) for i, n in self._snapshots if i != snapshot_id)
-        self._snapshots.append((snapshot_id, self.worker.adapter_bytes(snapshot_id)))
+        self._snapshots.append((snapshot_id, self.handle.adapter_bytes(snapshot_id)))
         total = sum(size for _, size in self._snapshots)
         while len(self._snapshots) > 1 and (
             len(self._snapshots) > self.max_snapshots or total > self.snapshot_memory_bytes
         ):
             old, size = self._snapshots.popleft()
             total -= size
-            if self.worker.has_adapter(old):
-                self.worker.remove_adapter(old)
+            if self.handle.has_adapter(old):
+                self.handle.remove_adapter(old)
+            if self.vllm_pool is not None:
+                self.vllm_pool.forget(old)
         self.telemetry.snapshots(self.worker.info.name, len(self._snapshots), total)
+
+    def _publish_to_vllm(self, snapshot_id: str) -> None:
+        """Give the vLLM pool the snapshot's adapter files (a fresh directory per version), so
+        its samples can run there; saved snapshots already have theirs."""
+        if self.vllm_pool is None:
+            return
+        directory = self.vllm_pool.new_snapshot_dir()
+        self.handle.save_adapter(
+            snapshot_id, directory, self.front.info.name, with_optimizer=False, overwrite=True
+        )
+        self.vllm_pool.register_snapshot(snapshot_id, directory)
 
     def _ensure_snapshot(self, op: Op) -> None:
         action = op.action
         assert isinstance(action, Sample)
         adapter_id = action.input.adapter_id
-        if adapter_id is None or self.worker.has_adapter(adapter_id):
+        if adapter_id is None or self.handle.has_adapter(adapter_id):
             return
         if action.snapshot_dir is None:
             raise UserError(f"sampler weights {adapter_id!r} are no longer available")
-        self.worker.import_snapshot(
-            adapter_id, read_adapter(action.snapshot_dir, with_optimizer=False)
-        )
+        self.handle.load_snapshot(adapter_id, action.snapshot_dir)
         self._remember_snapshot(adapter_id)
 
+    def _take_samples(self) -> list[Op]:
+        """Under the lock: the queued sample ops that fit the decode batch, in arrival order
+        (at most `sample_batch` requests and `sample_rows` rows decode together; a request
+        larger than that runs alone)."""
+        taken: list[Op] = []
+        requests = len(self._decoding)
+        rows = sum(d.op.action.input.num_samples for d in self._decoding.values())  # type: ignore[union-attr]
+        while self._samples and requests < self.sample_batch:
+            n = self._samples[0].action.input.num_samples  # type: ignore[union-attr]
+            if requests and rows + n > self.sample_rows:
+                break  # first come, first served: no overtaking by smaller requests
+            taken.append(self._samples.popleft())
+            requests += 1
+            rows += n
+        return taken
+
+    def _sampling(self) -> list[Op]:
+        """Take every op out of the decode batch (the worker is lost)."""
+        ops = [d.op for d in self._decoding.values()]
+        self._decoding.clear()
+        return ops
+
+    def _stepper(self) -> WorkerHandle:
+        """The handle runs the step-wise sampling calls when it has them (in-process and Ray
+        workers); one without them (a gang) samples whole static batches."""
+        return self.handle
+
     def _run_samples(self, ops: list[Op]) -> None:
+        """One sampling turn: admit `ops` to the decode batch, then decode for at most
+        `sample_slice_seconds`. ReplicaLost propagates (the caller moves the ops)."""
         start = time.time()
         for op in ops:
             self.telemetry.op_started(self.worker.info.name, op.request_id, start)
@@ -481,27 +667,128 @@ class ModelScheduler:
             try:
                 self._ensure_snapshot(op)
                 ready.append(op)
+            except ReplicaLost:
+                raise
             except Exception as exc:
                 op.fail(_classify(exc))
-        if not ready:
+        stepper = self._stepper()
+        if not hasattr(stepper, "sample_step"):
+            if ready:
+                self._run_static(ready, start)
+            return
+        self._drop_cancelled(stepper)
+        if ready:
+            self._admit(stepper, ready, start)
+        if not self._decoding:
             return
         try:
-            outputs = self.worker.sample([op.action.input for op in ready])  # type: ignore[union-attr]
+            finished, deltas = stepper.sample_step(self.sample_slice_seconds)  # type: ignore[union-attr]
+        except ReplicaLost:
+            raise
         except Exception as exc:
-            if len(ready) > 1:
-                log.warning("batched sampling failed (%s); retrying one by one", exc)
-                for op in ready:
-                    self._run_samples([op])
+            log.warning("sampling step failed (%s); failing the batch's requests", exc)
+            stepper.sample_abort()  # type: ignore[union-attr]
+            for decoding in self._sampling():
+                decoding.op.fail(_classify(exc))
+            return
+        for key, tokens in deltas.items():
+            decoding = self._decoding.get(key)  # type: ignore[call-overload]
+            if decoding is not None:
+                self._stream(decoding, tokens)
+        parts = []
+        first = time.time()
+        done: list[tuple[Op, object]] = []
+        for key, out in finished.items():
+            decoding = self._decoding.pop(key)  # type: ignore[call-overload]
+            item = decoding.op.action.input  # type: ignore[union-attr]
+            sampled = sum(len(seq.tokens) for seq in out.sequences)
+            parts.append(
+                BatchPart(decoding.op.request_id, item.num_samples, len(item.prompt), sampled)
+            )
+            first = min(first, decoding.admitted)
+            done.append((decoding.op, out))
+        if parts:
+            self.telemetry.sample_batch(self.worker.info.name, first, time.time(), parts)
+        self._report_prefix_cache(stepper)
+        for op, out in done:
+            op.done(out)
+
+    def _report_prefix_cache(self, stepper: object) -> None:
+        stats = getattr(stepper, "prefix_cache_stats", None)
+        if stats is None:
+            return
+        lookups, hits = stats()
+        last_lookups, last_hits = self._prefix_seen
+        if lookups > last_lookups:
+            self.telemetry.prefix_cache(
+                self.worker.info.name, lookups - last_lookups, hits - last_hits
+            )
+            self._prefix_seen = (lookups, hits)
+
+    def _drop_cancelled(self, stepper: object) -> None:
+        """Take cancelled ops' rows out of the decode batch (their callers failed them)."""
+        with self._cv:
+            cancelled, self._cancelled = self._cancelled, set()
+        keys = [key for key in cancelled if key in self._decoding]
+        if keys and hasattr(stepper, "sample_cancel"):
+            stepper.sample_cancel(keys)
+            for key in keys:
+                del self._decoding[key]
+
+    def _admit(self, stepper: object, ops: list[Op], start: float) -> None:
+        """Prefill ops into the decode batch; if a batched admission fails, one by one (only
+        the op that fails alone fails)."""
+        inputs = [dataclasses.replace(op.action.input, on_token=None) for op in ops]  # type: ignore[union-attr]
+        try:
+            stepper.sample_admit([op.request_id for op in ops], inputs)  # type: ignore[attr-defined]
+        except ReplicaLost:
+            raise
+        except Exception as exc:
+            if len(ops) > 1:
+                log.warning("batched admission failed (%s); admitting one by one", exc)
+                for op in ops:
+                    self._admit(stepper, [op], start)
                 return
-            ready[0].fail(_classify(exc))
+            ops[0].fail(_classify(exc))
+            return
+        for op in ops:
+            self._decoding[op.request_id] = _Decoding(op, start)
+
+    def _stream(self, decoding: _Decoding, tokens: list) -> None:  # type: ignore[type-arg]
+        """Call the op's on_token hook (in-process callers only) with its new tokens."""
+        decoding.sampled += len(tokens)
+        hook = decoding.op.action.input.on_token  # type: ignore[union-attr]
+        if hook is None or decoding.hook_failed:
+            return
+        for index, choice in tokens:
+            try:
+                hook(index, choice)
+            except Exception:  # a caller's hook never breaks the batch for the others
+                log.warning("on_token hook failed; dropped for this request", exc_info=True)
+                decoding.hook_failed = True
+                return
+
+    def _run_static(self, ops: list[Op], start: float) -> None:
+        """A handle without step-wise sampling: one static batch, to the end."""
+        try:
+            outputs = self.handle.sample([op.action.input for op in ops])  # type: ignore[union-attr]
+        except ReplicaLost:
+            raise
+        except Exception as exc:
+            if len(ops) > 1:
+                log.warning("batched sampling failed (%s); retrying one by one", exc)
+                for op in ops:
+                    self._run_static([op], start)
+                return
+            ops[0].fail(_classify(exc))
             return
         parts = []
-        for op, out in zip(ready, outputs, strict=True):
+        for op, out in zip(ops, outputs, strict=True):
             item = op.action.input  # type: ignore[union-attr]
             sampled = sum(len(seq.tokens) for seq in getattr(out, "sequences", []))
             parts.append(BatchPart(op.request_id, item.num_samples, len(item.prompt), sampled))
         self.telemetry.sample_batch(self.worker.info.name, start, time.time(), parts)
-        for op, out in zip(ready, outputs, strict=True):
+        for op, out in zip(ops, outputs, strict=True):
             op.done(out)
 
 

@@ -47,6 +47,9 @@ class Telemetry:
     def snapshots(self, model: str, count: int, total_bytes: int) -> None:
         """Sampler snapshots now held in memory."""
 
+    def prefix_cache(self, model: str, lookups: int, hits: int) -> None:
+        """Prompt prefix-cache lookups and hits since the last call (model/prefix_cache.py)."""
+
 
 class Fanout(Telemetry):
     """Several observers, called in order."""
@@ -81,3 +84,7 @@ class Fanout(Telemetry):
     def snapshots(self, model: str, count: int, total_bytes: int) -> None:
         for o in self.observers:
             o.snapshots(model, count, total_bytes)
+
+    def prefix_cache(self, model: str, lookups: int, hits: int) -> None:
+        for o in self.observers:
+            o.prefix_cache(model, lookups, hits)

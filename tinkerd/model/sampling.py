@@ -1,8 +1,14 @@
 """Batched generation with a KV cache, each row with its own adapter, params and seed.
 
+`sample` is the static batch: the path of models the continuous batch (sample_engine.py)
+cannot serve, and the reference it is tested against. Both share this module's validation,
+token choice and prompt outputs.
+
 Each request's prompt is prefilled once (left-padded with the others), then its cache rows are
 repeated for `num_samples`. Rows leave the batch as soon as they stop, so finished rows cost
-nothing. Rows are kept sorted by adapter so LoRA segments stay contiguous.
+nothing. Rows are kept sorted by adapter so LoRA segments stay contiguous. Each step chooses
+every row's token in one batched call (`choose_tokens`): an inverse-CDF draw with one uniform
+per row from the row's own generator, so a seed's tokens never depend on batch mates.
 
 Logprob semantics (Tinker's, see docs/api.md): the logprob returned for a sampled token is taken
 from the distribution the token was drawn from before truncation, softmax(logits / temperature):
@@ -25,6 +31,7 @@ import secrets
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
 from tinkerd.model import vision
@@ -48,6 +55,8 @@ MAX_OUTPUT_CELLS = 1 << 22
 MAX_NUM_SAMPLES = 1024
 
 ALT_TOKENS_STREAM = 1 << 62  # row_seed index of the prompt_alt_tokens generator
+
+DRAW_BLOCK = 256  # ids per block of the two-level inverse-CDF draw
 
 
 @dataclass
@@ -204,17 +213,6 @@ def choose_token(
     return choice.token, choice.logprob
 
 
-def sampling_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The distribution sampled-token logprobs come from: softmax(logits / temperature),
-    before top-k/top-p; temperature 0 (greedy) reports temperature 1."""
-    return torch.log_softmax(logits / temperature if temperature > 0 else logits, -1)
-
-
-def _topk_list(logp: torch.Tensor, k: int) -> list[tuple[int, float]]:
-    values, idx = torch.topk(logp, min(k, logp.shape[-1]))
-    return list(zip(idx.tolist(), values.tolist(), strict=True))
-
-
 @dataclass
 class Choice:
     """A drawn token and what is reported about it (see `SampledSequence`)."""
@@ -226,32 +224,149 @@ class Choice:
     base_logprob: float  # under softmax(logits), temperature 1, untruncated
 
 
+@dataclass(frozen=True)
+class Draw:
+    """What one row's token choice needs: its params, its own generator (so its tokens depend
+    on its seed alone, never on batch mates) and its `topk_sample_logprobs`."""
+
+    params: SamplingParams
+    generator: torch.Generator
+    topk: int = 0
+
+
 def choose_token_topk(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, k: int
 ) -> Choice:
     """`choose_token`, plus the top `k` (id, logprob) of the distribution the logprob is
     taken from (None when k == 0) and the token's behaviour and temperature-1 logprobs."""
-    logp = sampling_logprobs(logits, params.temperature)
-    topk = _topk_list(logp, k) if k > 0 else None
-    if params.temperature == 0:
-        token = int(torch.argmax(logits))
-        return Choice(token, float(logp[token]), topk, 0.0, float(logp[token]))
-    filtered = logp
-    if 0 < params.top_k < logp.shape[0]:
-        kth = torch.topk(logp, params.top_k).values[-1]
-        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
-    if params.top_p < 1.0:
-        # Nucleus of the top-k-renormalized distribution (as HF and vLLM).
-        sorted_lp, order = torch.sort(torch.log_softmax(filtered, -1), descending=True)
-        cum = torch.cumsum(torch.exp(sorted_lp), 0)
-        drop = (cum - torch.exp(sorted_lp)) >= params.top_p  # mass before this token
-        drop[0] = False
-        filtered = filtered.scatter(0, order[drop], float("-inf"))
-    probs = torch.softmax(filtered, -1)
-    token = int(torch.multinomial(probs, 1, generator=generator))
-    drawn = math.log(float(probs[token]))
-    base = logp if params.temperature == 1 else torch.log_softmax(logits, -1)
-    return Choice(token, float(logp[token]), topk, drawn, float(base[token]))
+    return choose_tokens(logits.unsqueeze(0), [Draw(params, generator, k)])[0]
+
+
+def choose_tokens(logits: torch.Tensor, draws: list[Draw]) -> list[Choice]:
+    """One token for every row of float32 `logits` (N, V), row i drawn as `draws[i]` says.
+
+    The whole step shares one log_softmax, one truncation pass per kind (top-k, top-p) over
+    the rows that ask for it, one softmax and one inverse-CDF draw: row i's token is the first
+    id whose cumulative probability exceeds u * total, with u = rand() from row i's generator
+    (one draw per sampled row per step; greedy rows draw nothing).
+    """
+    n = logits.shape[0]
+    if n == 0:
+        return []
+    device = logits.device
+    temps = [d.params.temperature for d in draws]
+    if all(t in (0, 1) for t in temps):
+        scaled = logits
+    else:
+        scale = torch.tensor([t if t > 0 else 1.0 for t in temps], device=device)
+        scaled = logits / scale.to(logits.dtype).unsqueeze(1)
+    logp = torch.log_softmax(scaled, -1)  # reported: temperature-scaled, before truncation
+    tokens = torch.zeros(n, dtype=torch.long, device=device)
+    behaviour = torch.zeros(n, dtype=torch.float64, device=device)  # greedy: certain, 0
+    greedy = [i for i, t in enumerate(temps) if t == 0]
+    if greedy:
+        g = torch.tensor(greedy, device=device)
+        tokens[g] = logits[g].argmax(-1)
+    drawn = [i for i, t in enumerate(temps) if t > 0]
+    if drawn:
+        everyone = len(drawn) == n
+        d = torch.tensor(drawn, device=device)
+        filtered = _truncate(logp if everyone else logp[d], [draws[i].params for i in drawn])
+        u = torch.stack(
+            [
+                torch.rand((), dtype=torch.float64, generator=draws[i].generator, device=device)
+                for i in drawn
+            ]
+        )
+        picked, mass = _inverse_cdf(torch.exp(filtered), u)
+        tokens[d] = picked
+        # log of the token's probability under the renormalized (truncated) distribution
+        behaviour[d] = filtered.gather(1, picked.unsqueeze(1)).squeeze(1).double() - mass.log()
+    chosen = tokens.unsqueeze(1)
+    logprob = logp.gather(1, chosen).squeeze(1)
+    base = logprob.clone()  # temperature 1 and greedy rows: logp is the temperature-1 one
+    scaled_rows = [i for i, t in enumerate(temps) if t not in (0, 1)]
+    if scaled_rows:
+        s = torch.tensor(scaled_rows, device=device)
+        base[s] = torch.log_softmax(logits[s], -1).gather(1, chosen[s]).squeeze(1)
+    topk = _topk_lists(logp, [d.topk for d in draws])
+    return [
+        Choice(t, lp, k, b, p1)
+        for t, lp, k, b, p1 in zip(
+            tokens.tolist(),
+            logprob.tolist(),
+            topk,
+            behaviour.tolist(),
+            base.tolist(),
+            strict=True,
+        )
+    ]
+
+
+def _truncate(logp: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """`logp` (N, V) with ids outside each row's top-k, then outside the nucleus (top-p) of
+    the top-k-renormalized distribution (as HF and vLLM), set to -inf."""
+    vocab = logp.shape[1]
+    top_k = [i for i, p in enumerate(params) if 0 < p.top_k < vocab]
+    if top_k:
+        r = torch.tensor(top_k, device=logp.device)
+        sub = logp[r]
+        values = torch.topk(sub, max(params[i].top_k for i in top_k), dim=-1).values
+        ks = torch.tensor([params[i].top_k - 1 for i in top_k], device=logp.device)
+        kth = values.gather(1, ks.unsqueeze(1))
+        logp = logp.index_put((r,), sub.masked_fill(sub < kth, float("-inf")))
+    top_p = [i for i, p in enumerate(params) if p.top_p < 1.0]
+    if top_p:
+        r = torch.tensor(top_p, device=logp.device)
+        sub = logp[r]
+        ps = torch.tensor([params[i].top_p for i in top_p], device=logp.device)
+        sorted_lp, order = torch.sort(torch.log_softmax(sub, -1), dim=-1, descending=True)
+        mass = torch.exp(sorted_lp)
+        drop = (torch.cumsum(mass, -1) - mass) >= ps.to(mass.dtype).unsqueeze(1)  # mass before
+        drop[:, 0] = False
+        mask = torch.zeros_like(drop).scatter(1, order, drop)
+        logp = logp.index_put((r,), sub.masked_fill(mask, float("-inf")))
+    return logp
+
+
+def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row i's id: the first whose cumulative weight exceeds u[i] * total (the row's summed
+    `weights`, which need not be normalized), and that total; sums in float64.
+
+    Two levels, so no full-vocabulary float64 cumsum is needed: block sums find the block,
+    a cumsum inside it the id. Either search lands on an element where the cumulative sum
+    rose, so the id has nonzero weight; where rounding puts the target at or past a total,
+    the search falls back to the first element reaching it, which also has nonzero weight.
+    """
+    n, vocab = weights.shape
+    pad = -vocab % DRAW_BLOCK
+    blocks = (F.pad(weights, (0, pad)) if pad else weights).view(n, -1, DRAW_BLOCK)
+    cdf = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # (n, blocks)
+    total = cdf[:, -1:].contiguous()
+    x = u.unsqueeze(1) * total
+    b = torch.minimum(torch.searchsorted(cdf, x, right=True), torch.searchsorted(cdf, total))
+    before = torch.where(b > 0, cdf.gather(1, (b - 1).clamp(min=0)), 0.0)
+    inner = blocks.gather(1, b.unsqueeze(2).expand(n, 1, DRAW_BLOCK)).squeeze(1)
+    inner = inner.cumsum(-1, dtype=torch.float64)
+    end = inner[:, -1:].contiguous()
+    y = (x - before).clamp(min=0)
+    i = torch.minimum(torch.searchsorted(inner, y, right=True), torch.searchsorted(inner, end))
+    return (b * DRAW_BLOCK + i).squeeze(1), total.squeeze(1)
+
+
+def _topk_lists(logp: torch.Tensor, ks: list[int]) -> list[list[tuple[int, float]] | None]:
+    """Each row's top `ks[i]` (id, logprob) of `logp` (None where ks[i] == 0)."""
+    out: list[list[tuple[int, float]] | None] = [None] * len(ks)
+    rows = [i for i, k in enumerate(ks) if k > 0]
+    if not rows:
+        return out
+    vocab = logp.shape[1]
+    r = torch.tensor(rows, device=logp.device)
+    values, idx = torch.topk(logp[r], min(max(ks[i] for i in rows), vocab), dim=-1)
+    for i, ids, vals in zip(rows, idx.tolist(), values.tolist(), strict=True):
+        k = min(ks[i], vocab)
+        out[i] = list(zip(ids[:k], vals[:k], strict=True))
+    return out
 
 
 def _stopped_by_string(tokenizer: object, row: _Row) -> bool:
@@ -343,12 +458,16 @@ def sample(
 
     while True:
         new_tokens = []
+        live = [slot for slot, i in enumerate(active) if rows[i].stop_reason is None]
+        draws = [Draw(r.params, r.generator, r.topk) for r in (rows[active[s]] for s in live)]
+        chosen = choose_tokens(logits if len(live) == len(active) else logits[live], draws)
+        choice_of = dict(zip(live, chosen, strict=True))
         for slot, i in enumerate(active):
             row = rows[i]
             if row.stop_reason is not None:
                 new_tokens.append(pad_id)
                 continue
-            choice = choose_token_topk(logits[slot], row.params, row.generator, row.topk)
+            choice = choice_of[slot]
             token = choice.token
             row.tokens.append(token)
             row.logprobs.append(choice.logprob)
@@ -417,6 +536,23 @@ def sample(
     return [o for o in outputs if o is not None]
 
 
+def first_needed_position(req: SampleInput) -> int:
+    """The first prompt position whose hidden state the request's prompt outputs need
+    (len(prompt) - 1, the last, when it asks for none): KV before it may come from a cache."""
+    n = len(req.prompt)
+    needed = [n - 1]
+    if req.prompt_logprobs or req.topk_prompt_logprobs > 0:
+        needed.append(n - 1 - req.prompt_logprobs_last_n if req.prompt_logprobs_last_n else 0)
+    if req.prompt_alt_tokens_k > 0:
+        needed.append(0)
+    target = req.target_prompt_logprobs
+    if target is not None:
+        named = torch.nonzero((target >= 0).any(dim=1)).flatten()
+        if named.numel():
+            needed.append(int(named[0]))
+    return max(0, min(needed))
+
+
 @dataclass
 class _PromptExtras:
     prompt_logprobs: list[float | None] | None = None
@@ -427,14 +563,17 @@ class _PromptExtras:
 
 
 def _prompt_extras(
-    lora: MultiLoraModel, hidden_row: torch.Tensor, req: SampleInput
+    lora: MultiLoraModel, hidden_row: torch.Tensor, req: SampleInput, offset: int = 0
 ) -> _PromptExtras:
     """Everything computed from the prompt's own positions: prompt logprobs (position 0:
     None; before the last N: None), top-K prompt logprobs (both at temperature 1), target id
     logprobs (temperature 1) and alternative-token draws (at the request's temperature).
 
-    Called inside the prefill's routing; `hidden_row` is one left-padded row. Row j of the
-    (len(prompt) - 1)-row outputs is the distribution after prompt[:j + 1], over prompt[j + 1].
+    Called inside the prefill's routing; `hidden_row` is one left-padded row, whose last
+    len(prompt) - offset positions are prompt positions offset.. (a prefix served from the
+    prefix cache has no hidden states: `first_needed_position` must be >= offset). Row j of
+    the (len(prompt) - 1)-row outputs is the distribution after prompt[:j + 1], over
+    prompt[j + 1].
     """
     n = len(req.prompt)
     rows = n - 1
@@ -468,13 +607,16 @@ def _prompt_extras(
             generator.manual_seed(row_seed(req.params.seed, ALT_TOKENS_STREAM))
     if not starts:
         return out
-    h = hidden_row[hidden_row.shape[0] - n : -1]  # positions predicting prompt[1:]
+    if min(starts) < offset:
+        raise ValueError(f"prompt extras need positions from {min(starts)}, have {offset}..")
+    # Positions offset..n-2 (predicting prompt[offset + 1:]), indexed from `offset`.
+    h = hidden_row[hidden_row.shape[0] - (n - offset) : -1]
     targets = torch.tensor(req.prompt[1:], device=device).unsqueeze(1)
     temperature = req.params.temperature
     # Chunks of positions, so a long prompt never needs a full (length x vocab) float32 table.
     for start in range(min(starts), rows, PROMPT_CHUNK):
         end = min(start + PROMPT_CHUNK, rows)
-        hc = h[start:end]
+        hc = h[start - offset : end - offset]
         # The prefill routing is per row; this unembedding is for one row only.
         with lora.route(segments_for([req.adapter_id] * hc.shape[0])):
             logits = unembed(lora, hc).float()

@@ -6,6 +6,10 @@ the layers above changing. Methods are not thread-safe: the engine calls one at 
 """
 
 import dataclasses
+import itertools
+import logging
+import time
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +17,9 @@ import torch
 from tinkerd.model.loading import BaseModel, BaseModelInfo
 from tinkerd.model.lora import Adapter, LoraConfig, MultiLoraModel
 from tinkerd.model.optimizer import AdamParams, AdapterOptimizer, OptimStepResult
-from tinkerd.model.sampling import sample, validate_sample_input
+from tinkerd.model.prefix_cache import PrefixCache
+from tinkerd.model.sample_engine import Deltas, SampleEngine, continuous_supported
+from tinkerd.model.sampling import validate_sample_input
 from tinkerd.model.training import forward_backward, validate_input
 from tinkerd.model.types import (
     Datum,
@@ -24,6 +30,10 @@ from tinkerd.model.types import (
     SampleOutput,
 )
 from tinkerd.model.vision import check_input, vision_support
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX_CACHE_BYTES = 512 << 20
 
 
 class UnknownAdapterError(KeyError):
@@ -41,17 +51,38 @@ class AdapterState:
 
 
 class ModelWorker:
-    def __init__(self, base: BaseModel, *, autocast_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        base: BaseModel,
+        *,
+        autocast_dtype: torch.dtype | None = None,
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+        continuous_sampling: bool = True,
+    ) -> None:
         self.base = base
         self.lora = MultiLoraModel(base.model)
         self.optimizers: dict[str, AdapterOptimizer] = {}
         # Snapshot id → optim steps its source run had taken when it was frozen.
         self.snapshot_steps: dict[str, int] = {}
         self.autocast_dtype = autocast_dtype
-        # Image input (Qwen-VL models); None: the model takes text only.
+        # Image input (Qwen-VL and Gemma 3 models); None: the model takes text only.
         self.vision = vision_support(
             base.model, getattr(base.model, "name_or_path", "") or base.info.name, base.info.name
         )
+        # The decode batch (continuous batching where the model allows, see sample_engine).
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self.sampler = SampleEngine(
+            self.lora,
+            base.tokenizer,
+            eos_ids=base.info.eos_token_ids,
+            pad_id=base.info.pad_token_id,
+            context_length=base.info.context_length,
+            prefix_cache=self.prefix_cache,
+            continuous=continuous_sampling
+            and continuous_supported(base.model, self.vision is not None),
+        )
+        self._sample_adapters: dict[Hashable, str | None] = {}  # admitted key -> adapter id
+        self._local_keys = itertools.count()
 
     @property
     def info(self) -> BaseModelInfo:
@@ -179,25 +210,87 @@ class ModelWorker:
         check_input(tokens, images, self.vision, self.info.name, what)
 
     def sample(self, inputs: list[SampleInput]) -> list[SampleOutput]:
-        """Generate for every input in one batch; inputs must be validated first."""
+        """Generate for every input (admitted together, decoded to the end, alongside any
+        requests already admitted); inputs must be validated first. Calls each input's
+        `on_token` hook with its tokens after every decode step."""
         if not inputs:
             return []
+        keys = [("local", next(self._local_keys)) for _ in inputs]
+        hooks = {key: item.on_token for key, item in zip(keys, inputs, strict=True)}
+        self.sample_admit(keys, [dataclasses.replace(item, on_token=None) for item in inputs])
+        results: dict[Hashable, SampleOutput] = {}
+        while any(key not in results for key in keys):
+            finished, deltas = self.sample_step(0.0)  # one step: hooks see tokens as drawn
+            for key, tokens in deltas.items():
+                hook = hooks.get(key)
+                for index, choice in tokens if hook is not None else ():
+                    try:
+                        hook(index, choice)
+                    except Exception:  # a caller's hook never breaks the batch for the others
+                        log.warning("on_token hook failed; dropped", exc_info=True)
+                        hooks[key] = None
+                        break
+            results.update(finished)
+        return [results[key] for key in keys]
+
+    # -- step-wise sampling (the scheduler's continuous batch) ---------------------------
+
+    def sample_admit(self, keys: list[Hashable], inputs: list[SampleInput]) -> None:
+        """Prefill validated requests and add their rows to the decode batch (`keys`: unique
+        among active requests; plain data, `on_token` is not called here). Raises, admitting
+        none, on an unknown adapter or a failed prefill."""
         for item in inputs:
             if item.adapter_id is not None:
                 self._adapter(item.adapter_id)
         with self._autocast():
-            outputs = sample(
-                self.lora,
-                self.base.tokenizer,
-                inputs,
-                eos_ids=self.info.eos_token_ids,
-                pad_id=self.info.pad_token_id,
-                context_length=self.info.context_length,
-            )
-        for item, out in zip(inputs, outputs, strict=True):
-            if item.adapter_id is not None:
-                out.weights_step = self.snapshot_steps.get(item.adapter_id)
-        return outputs
+            self.sampler.add(keys, inputs)
+        for key, item in zip(keys, inputs, strict=True):
+            self._sample_adapters[key] = item.adapter_id
+
+    def sample_step(self, max_seconds: float | None) -> tuple[dict[Hashable, SampleOutput], Deltas]:
+        """Decode steps for every active row until `max_seconds` have passed (at least one
+        step; None: until the batch is empty). Returns the requests that finished and every
+        request's new tokens [(sample index, Choice)] in draw order. If a step fails the
+        whole batch is dropped (see `sample_abort`) and the error raised."""
+        deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        finished: dict[Hashable, SampleOutput] = {}
+        deltas: Deltas = {}
+        while self.sampler.active():
+            with self._autocast():
+                done, new = self.sampler.step()
+            for key, tokens in new.items():
+                deltas.setdefault(key, []).extend(tokens)
+            for key, out in done.items():
+                adapter_id = self._sample_adapters.pop(key, None)
+                if adapter_id is not None:
+                    out.weights_step = self.snapshot_steps.get(adapter_id)
+                finished[key] = out
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+        return finished, deltas
+
+    def sample_active(self) -> int:
+        """Requests admitted and not yet finished."""
+        return self.sampler.active()
+
+    def sample_cancel(self, keys: list[Hashable]) -> None:
+        """Drop these requests from the decode batch (cancelled: no output)."""
+        self.sampler.cancel(keys)
+        for key in keys:
+            self._sample_adapters.pop(key, None)
+
+    def sample_abort(self) -> list[Hashable]:
+        """Drop every active request (after a failed step); returns their keys."""
+        keys = self.sampler.abort()
+        for key in keys:
+            self._sample_adapters.pop(key, None)
+        return keys
+
+    def prefix_cache_stats(self) -> tuple[int, int]:
+        """(lookups, hits) of the prompt prefix cache since startup."""
+        if self.prefix_cache is None:
+            return 0, 0
+        return self.prefix_cache.stats.lookups, self.prefix_cache.stats.hits
 
     def export_adapter(self, adapter_id: str, *, with_optimizer: bool) -> AdapterState:
         adapter = self._adapter(adapter_id)

@@ -394,6 +394,31 @@ class Store:
             )
             return [_to_record(FutureRecord, r) for r in rows]
 
+    def completed_results(self, model_id: str, kinds: tuple[str, ...]) -> list[FutureRecord]:
+        """The run's completed futures of these kinds, in seq_id order (for its curves)."""
+        with self._read() as s:
+            rows = s.scalars(
+                select(FutureRow)
+                .where(
+                    FutureRow.model_id == model_id,
+                    FutureRow.status == "complete",
+                    FutureRow.kind.in_(kinds),
+                )
+                .order_by(FutureRow.seq_id)
+            )
+            return [_to_record(FutureRecord, r) for r in rows]
+
+    def recent_failures(self, user: str, limit: int) -> list[FutureRecord]:
+        """The user's last failed futures, newest first."""
+        with self._read() as s:
+            rows = s.scalars(
+                select(FutureRow)
+                .where(FutureRow.user == user, FutureRow.status == "failed")
+                .order_by(FutureRow.completed_at.desc(), FutureRow.request_id)
+                .limit(limit)
+            )
+            return [_to_record(FutureRecord, r) for r in rows]
+
     # checkpoints
 
     def add_checkpoint(self, rec: CheckpointRecord) -> None:

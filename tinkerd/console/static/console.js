@@ -280,9 +280,17 @@ async function loadSamplers() {
 }
 
 async function loadStatus() {
-  const data = await api("/api/v1/console/status");
+  const [data, workers] = await Promise.all([
+    api("/api/v1/console/status"), api("/api/v1/tinkerd/replicas"),
+  ]);
   $("#queue-table tbody").replaceChildren(...data.models.map((m) =>
     el("tr", {}, el("td", {}, m.model), el("td", {}, m.queue_depth))));
+  $("#replicas-table tbody").replaceChildren(...workers.replicas.map((r) => el("tr", {},
+    el("td", {}, r.model), el("td", {}, r.replica),
+    el("td", { class: r.state === "ready" ? "" : "error" }, r.state),
+    el("td", { class: "mono" }, r.pid ?? "-"), el("td", {}, r.node ?? "-"), el("td", {}, r.devices),
+    el("td", {}, r.runs), el("td", {}, r.queue_depth),
+    el("td", {}, r.memory_bytes == null ? "-" : `${Math.round(r.memory_bytes / 2 ** 20)} MiB`))));
   const errors = $("#errors-table tbody");
   errors.replaceChildren(...data.recent_errors.map((e) => el("tr", {},
     el("td", {}, when(e.time)), el("td", {}, e.kind),

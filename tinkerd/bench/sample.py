@@ -1,0 +1,281 @@
+"""`tinkerd bench sample`: sampling throughput and time to first token, side by side with
+`transformers` `generate` and against this machine's own limit, in one run.
+
+Shapes (temperature 1, seeded, `stop=[]` so every sequence has exactly `tokens` new tokens):
+  (a) `prompts` chat prompts x 1 sample (tinkerd `ModelWorker.sample` vs `generate`);
+  (b) `prompts` prompts x `samples` samples, the GRPO shape (`num_samples` vs `generate`'s
+      `num_return_sequences`);
+  (c) `concurrent` requests of 1 sample from `clients` SDK clients arriving over time, through
+      a real `tinkerd serve` process (no `generate` equivalent).
+Time to first token: (a)/(b) the first `on_token` call after `sample` starts (the prefill and
+first draw); (c) is not streamed by the Tinker SDK, so its per-request latency is reported.
+The machine limit: a decode step must read every weight once (measured read bandwidth) and do
+2 x params FLOPs per sequence (measured matmul peak in the model's dtype), so at batch B
+tokens/s <= B / max(weight bytes / bandwidth, B x 2 x params / peak).
+`--engine static` runs (a)/(b) on the previous static-batch sampler (one batch at a time, no
+prefix cache) for comparison. The last line printed is one JSON object with every figure.
+"""
+
+import dataclasses
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tinkerd.bench.dtype import choose_dtype
+from tinkerd.bench.server import serve
+from tinkerd.bench.stats import percentile
+from tinkerd.constants import EMBEDDED_MODEL
+from tinkerd.model.loading import load_base_model
+from tinkerd.model.types import SampleInput, SamplingParams
+from tinkerd.model.worker import ModelWorker
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis in one sentence.",
+    "List three prime numbers.",
+    "Who wrote Hamlet?",
+    "Give me a tip for learning Python.",
+    "What is 12 times 7?",
+    "Describe a cat to someone who has never seen one.",
+]
+
+
+@dataclass(frozen=True)
+class SampleBenchConfig:
+    model: str = EMBEDDED_MODEL
+    data_dir: Path = Path(".")
+    threads: int = 2
+    prompts: int = 8
+    samples: int = 8
+    tokens: int = 64
+    concurrent: int = 64
+    clients: int = 8
+    arrival_s: float = 2.0  # (c): requests arrive spread over this many seconds
+    engine: str = "continuous"  # or "static": the previous sampler, for (a)/(b)
+    server: bool = True  # run (c)
+    dtype: str | None = None  # None: what the machine runs fast (bench/dtype.py)
+
+
+def chat_prompts(tokenizer: object, n: int) -> list[list[int]]:
+    prompts = []
+    for i in range(n):
+        msgs = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
+        text = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+            msgs, add_generation_prompt=True, tokenize=False
+        )
+        prompts.append(tokenizer.encode(text, add_special_tokens=False))  # type: ignore[attr-defined]
+    return prompts
+
+
+def machine_limit(worker: ModelWorker, batches: tuple[int, ...]) -> dict:
+    """Measured weight-read bandwidth and matmul peak, and the decode tokens/s they allow."""
+    model = worker.base.model
+    seen: set[int] = set()
+    weight_bytes = params = 0
+    for p in model.parameters():
+        if p.untyped_storage().data_ptr() in seen:
+            continue  # tied embeddings count once
+        seen.add(p.untyped_storage().data_ptr())
+        weight_bytes += p.numel() * p.element_size()
+        params += p.numel()
+    embed = model.get_input_embeddings().weight
+    # Per token: every matmul weight once (the input embedding is a lookup, not a matmul,
+    # unless tied to the unembedding, which is a matmul).
+    tied = embed.untyped_storage().data_ptr() == (
+        model.get_output_embeddings().weight.untyped_storage().data_ptr()
+    )
+    matmul_params = params if tied else params - embed.numel()
+    flops_per_token = 2 * matmul_params
+    big = torch.empty(max(weight_bytes // 4, 64 << 20), dtype=torch.float32).fill_(1.0)
+    read = _best(lambda: big.sum(), 5)
+    bandwidth = big.numel() * 4 / read
+    dtype = embed.dtype
+    a = torch.randn(1024, 2048, dtype=dtype)
+    b = torch.randn(2048, 2048, dtype=dtype)
+    peak = 2 * 1024 * 2048 * 2048 / _best(lambda: a @ b, 5)
+    step_read = weight_bytes / bandwidth
+    limits = {
+        f"machine_limit_b{n}_tok_s": round(n / max(step_read, n * flops_per_token / peak), 1)
+        for n in batches
+    }
+    return {
+        "weight_bytes": weight_bytes,
+        "read_bandwidth_gb_s": round(bandwidth / 1e9, 2),
+        "matmul_peak_gflop_s": round(peak / 1e9, 1),
+        "gflop_per_token": round(flops_per_token / 1e9, 3),
+        **limits,
+    }
+
+
+def _best(fn: object, repeats: int) -> float:
+    fn()  # type: ignore[operator]
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()  # type: ignore[operator]
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run_tinkerd(worker: ModelWorker, prompts: list[list[int]], samples: int, tokens: int) -> dict:
+    """One timed `ModelWorker.sample` (after a warm-up): tokens/s and time to first token."""
+    params = SamplingParams(max_tokens=tokens, temperature=1.0, stop=(), seed=0)
+    first: list[float] = []
+
+    def mark(_sample: int, _choice: object) -> None:
+        if not first:
+            first.append(time.perf_counter())
+
+    inputs = [SampleInput(None, p, params, num_samples=samples, on_token=mark) for p in prompts]
+    worker.sample(inputs[:2])
+    first.clear()
+    t0 = time.perf_counter()
+    outs = worker.sample(inputs)
+    elapsed = time.perf_counter() - t0
+    made = sum(len(s.tokens) for o in outs for s in o.sequences)
+    assert made == len(prompts) * samples * tokens
+    return {"tok_s": round(made / elapsed, 1), "ttft_s": round(first[0] - t0, 3)}
+
+
+def run_generate(worker: ModelWorker, prompts: list[list[int]], samples: int, tokens: int) -> dict:
+    """The same with `transformers` `generate` on a left-padded batch."""
+    model = worker.base.model
+    width = max(len(p) for p in prompts)
+    pad = worker.info.pad_token_id
+    ids = torch.full((len(prompts), width), pad)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+
+    def generate(n: int) -> torch.Tensor:
+        with torch.no_grad(), worker._autocast():
+            return model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                num_return_sequences=samples,
+                pad_token_id=pad,
+            )
+
+    generate(2)
+    t0 = time.perf_counter()
+    generate(1)
+    ttft = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = generate(tokens)
+    elapsed = time.perf_counter() - t0
+    assert out.shape == (len(prompts) * samples, width + tokens)
+    return {"tok_s": round(len(prompts) * samples * tokens / elapsed, 1), "ttft_s": round(ttft, 3)}
+
+
+def run_concurrent(
+    cfg: SampleBenchConfig, prompts: list[list[int]], dtype: str, env: dict[str, str]
+) -> dict:
+    """(c): `clients` SDK clients, each with its own sampling client, send `concurrent`
+    requests between them, spread over `arrival_s`, to one `tinkerd serve`."""
+    import tinker
+    from tinker import types
+
+    per_client = cfg.concurrent // cfg.clients
+    gap = cfg.arrival_s / max(1, per_client)
+    with serve(cfg.model, cfg.data_dir, threads=cfg.threads, dtype=dtype, env=env) as srv:
+        services = [
+            tinker.ServiceClient(base_url=srv.url, api_key="tml-bench") for _ in range(cfg.clients)
+        ]
+        samplers = [s.create_sampling_client(base_model=cfg.model).result() for s in services]
+        params = types.SamplingParams(max_tokens=cfg.tokens, temperature=1.0, stop=[], seed=1)
+        warm = samplers[0].sample(types.ModelInput.from_ints(prompts[0]), 1, params)
+        warm.result()
+        latencies: list[float] = []
+        lock = threading.Lock()
+
+        def client(c: int) -> None:
+            futures = []
+            for i in range(per_client):
+                prompt = prompts[(c + i) % len(prompts)]
+                sent = time.perf_counter()
+                futures.append(
+                    (sent, samplers[c].sample(types.ModelInput.from_ints(prompt), 1, params))
+                )
+                time.sleep(gap)
+            for sent, future in futures:
+                result = future.result()
+                assert len(result.sequences[0].tokens) == cfg.tokens
+                with lock:
+                    latencies.append(time.perf_counter() - sent)
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(cfg.clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+    made = per_client * cfg.clients * cfg.tokens
+    return {
+        "tinkerd_concurrent_tok_s": round(made / elapsed, 1),
+        "concurrent_latency_p50_s": round(statistics.median(latencies), 2),
+        "concurrent_latency_p99_s": round(percentile(latencies, 0.99), 2),
+    }
+
+
+def run(cfg: SampleBenchConfig) -> dict:
+    os.environ.setdefault("TINKER_TELEMETRY", "0")
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(0)
+    choice = choose_dtype(cfg.dtype)
+    cfg = dataclasses.replace(cfg, dtype=choice.dtype)
+    print(choice.header(), flush=True)
+    base = load_base_model(cfg.model, data_dir=cfg.data_dir, dtype=choice.dtype)
+    static = cfg.engine == "static"
+    worker = ModelWorker(
+        base,
+        autocast_dtype=torch.bfloat16 if choice.dtype == "bfloat16" else None,
+        prefix_cache_bytes=0 if static else 512 << 20,
+        continuous_sampling=not static,
+    )
+    prompts = chat_prompts(base.tokenizer, cfg.prompts)
+    results: dict = {
+        "model": cfg.model,
+        "threads": cfg.threads,
+        "dtype": choice.dtype,
+        "engine": cfg.engine,
+        "tokens": cfg.tokens,
+    }
+    limit = machine_limit(worker, (cfg.prompts, cfg.prompts * cfg.samples, cfg.concurrent))
+    results.update(limit)
+    results["machine_limit_tok_s"] = limit[f"machine_limit_b{cfg.prompts * cfg.samples}_tok_s"]
+    print(f"  machine: {limit}", flush=True)
+    for name, samples in (("8x1", 1), ("8x8", cfg.samples)):
+        print(f"({name}) {cfg.prompts} prompts x {samples} samples x {cfg.tokens}", flush=True)
+        ours = run_tinkerd(worker, prompts, samples, cfg.tokens)
+        theirs = run_generate(worker, prompts, samples, cfg.tokens)
+        results[f"tinkerd_{name}_tok_s"] = ours["tok_s"]
+        results[f"tinkerd_{name}_ttft_s"] = ours["ttft_s"]
+        results[f"hf_{name}_tok_s"] = theirs["tok_s"]
+        results[f"hf_{name}_ttft_s"] = theirs["ttft_s"]
+        print(f"  tinkerd {ours}  generate {theirs}", flush=True)
+    results["ratio_8x1_vs_hf"] = round(results["tinkerd_8x1_tok_s"] / results["hf_8x1_tok_s"], 3)
+    results["share_8x8_of_limit"] = round(
+        results["tinkerd_8x8_tok_s"] / results["machine_limit_tok_s"], 3
+    )
+    if cfg.server:
+        print(f"(c) {cfg.concurrent} requests from {cfg.clients} SDK clients", flush=True)
+        results.update(run_concurrent(cfg, prompts, choice.dtype, choice.serve_env()))
+        limit_c = results[f"machine_limit_b{cfg.concurrent}_tok_s"]
+        results["share_concurrent_of_limit"] = round(
+            results["tinkerd_concurrent_tok_s"] / limit_c, 3
+        )
+    return results
