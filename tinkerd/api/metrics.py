@@ -222,7 +222,7 @@ class _EngineCollector(Collector):
             run_bytes = 0
             for run in runs:
                 with contextlib.suppress(Exception):  # released meanwhile
-                    run_bytes += scheduler.worker.adapter_bytes(run)
+                    run_bytes += scheduler.adapter_bytes(run)
             snaps, snap_bytes = self.metrics.snapshot_state.get(model, (0, 0))
             values = {
                 "tinkerd_queue_depth": scheduler.queued(),

@@ -179,18 +179,22 @@ def bench_multi_tenant(cfg: EngineBenchConfig, worker: ModelWorker) -> dict:
     }
 
 
+# The chat prompts of the sampling benches (bench/sample.py too): they share a system prompt.
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis in one sentence.",
+    "List three prime numbers.",
+    "Who wrote Hamlet?",
+    "Give me a tip for learning Python.",
+    "What is 12 times 7?",
+    "Describe a cat to someone who has never seen one.",
+]
+
+
 def bench_sampling(cfg: EngineBenchConfig, worker: ModelWorker) -> dict:
     tok = worker.base.tokenizer
-    questions = [
-        "What is the capital of France?",
-        "Write a haiku about the sea.",
-        "Explain photosynthesis in one sentence.",
-        "List three prime numbers.",
-        "Who wrote Hamlet?",
-        "Give me a tip for learning Python.",
-        "What is 12 times 7?",
-        "Describe a cat to someone who has never seen one.",
-    ]
+    questions = QUESTIONS
     prompts = []
     for i in range(cfg.sample_prompts):
         msgs = [{"role": "user", "content": questions[i % len(questions)]}]

@@ -27,23 +27,13 @@ from pathlib import Path
 import torch
 
 from tinkerd.bench.dtype import choose_dtype
+from tinkerd.bench.engine import QUESTIONS
 from tinkerd.bench.server import serve
 from tinkerd.bench.stats import percentile
 from tinkerd.constants import EMBEDDED_MODEL
 from tinkerd.model.loading import load_base_model
 from tinkerd.model.types import SampleInput, SamplingParams
 from tinkerd.model.worker import ModelWorker
-
-QUESTIONS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain photosynthesis in one sentence.",
-    "List three prime numbers.",
-    "Who wrote Hamlet?",
-    "Give me a tip for learning Python.",
-    "What is 12 times 7?",
-    "Describe a cat to someone who has never seen one.",
-]
 
 
 @dataclass(frozen=True)

@@ -369,8 +369,7 @@ class RayWorker(ForwardingHandle):
     # come back as data and the scheduler calls the requests' `on_token` hooks itself.
 
     def sample_admit(self, keys: list[Hashable], inputs: list[SampleInput]) -> None:
-        sent = [dataclasses.replace(i, on_token=None) if i.on_token else i for i in inputs]
-        self._call("sample_admit", keys, sent)
+        self._call("sample_admit", keys, inputs)  # the scheduler strips the on_token hooks
 
     def sample_step(self, max_seconds: float | None) -> tuple[dict[Hashable, SampleOutput], Any]:
         return self._call("sample_step", max_seconds)

@@ -95,11 +95,6 @@ class ReplicaRouter:
         return self.front.info
 
     @property
-    def worker(self) -> "ReplicaRouter":
-        """For observers that read `scheduler.worker.adapter_bytes(run)` (api/metrics.py)."""
-        return self
-
-    @property
     def telemetry(self) -> Telemetry:
         return self.replicas[0].telemetry
 

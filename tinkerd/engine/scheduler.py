@@ -38,6 +38,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from tinkerd.engine.local_worker import LocalWorker
 from tinkerd.engine.ops import (
@@ -195,7 +196,7 @@ class ModelScheduler:
                     return True  # already applied or already queued: never apply twice
                 queue.pending[op.seq_id] = op
             if not isinstance(op.action, _Skip):
-                self.telemetry.op_queued(self.worker.info.name, op.request_id, time.time())
+                self.telemetry.op_queued(self.front.info.name, op.request_id, time.time())
             self._cv.notify_all()
         return True
 
@@ -273,6 +274,10 @@ class ModelScheduler:
             return [m for m in runs if self.handle.has_adapter(m)]
         except ReplicaLost:
             return []
+
+    def adapter_bytes(self, model_id: str) -> int:
+        """Memory of a run's adapter weights on this worker (for metrics)."""
+        return self.handle.adapter_bytes(model_id)
 
     def runs(self) -> list[str]:
         """Training runs with a queue here (in memory, or about to be)."""
@@ -359,7 +364,7 @@ class ModelScheduler:
         """One loop's training work; ReplicaLost from any worker call ends it."""
         for op in barriers:
             if not isinstance(op.action, _Skip):
-                self.telemetry.op_started(self.worker.info.name, op.request_id, time.time())
+                self.telemetry.op_started(self.front.info.name, op.request_id, time.time())
             self._run_barrier(op)
         slices = [s for s in slices if self._restored(s.op)]
         for batch in self._micro_batches(slices):
@@ -429,7 +434,7 @@ class ModelScheduler:
         start = time.time()
         for s in batch:
             if s.start == 0:
-                self.telemetry.op_started(self.worker.info.name, s.op.request_id, start)
+                self.telemetry.op_started(self.front.info.name, s.op.request_id, start)
         try:
             outputs = self.handle.forward_backward(inputs)
         except ReplicaLost:
@@ -445,7 +450,7 @@ class ModelScheduler:
             return
         rows = [[len(d.tokens) for d in i.data] for i in inputs]
         self.telemetry.micro_batch(
-            self.worker.info.name,
+            self.front.info.name,
             start,
             time.time(),
             [BatchPart(s.op.request_id, len(r), sum(r)) for s, r in zip(batch, rows, strict=True)],
@@ -605,7 +610,7 @@ class ModelScheduler:
                 self.handle.remove_adapter(old)
             if self.vllm_pool is not None:
                 self.vllm_pool.forget(old)
-        self.telemetry.snapshots(self.worker.info.name, len(self._snapshots), total)
+        self.telemetry.snapshots(self.front.info.name, len(self._snapshots), total)
 
     def _publish_to_vllm(self, snapshot_id: str) -> None:
         """Give the vLLM pool the snapshot's adapter files (a fresh directory per version), so
@@ -651,17 +656,12 @@ class ModelScheduler:
         self._decoding.clear()
         return ops
 
-    def _stepper(self) -> WorkerHandle:
-        """The handle runs the step-wise sampling calls when it has them (in-process and Ray
-        workers); one without them (a gang) samples whole static batches."""
-        return self.handle
-
     def _run_samples(self, ops: list[Op]) -> None:
         """One sampling turn: admit `ops` to the decode batch, then decode for at most
         `sample_slice_seconds`. ReplicaLost propagates (the caller moves the ops)."""
         start = time.time()
         for op in ops:
-            self.telemetry.op_started(self.worker.info.name, op.request_id, start)
+            self.telemetry.op_started(self.front.info.name, op.request_id, start)
         ready = []
         for op in ops:
             try:
@@ -671,23 +671,23 @@ class ModelScheduler:
                 raise
             except Exception as exc:
                 op.fail(_classify(exc))
-        stepper = self._stepper()
-        if not hasattr(stepper, "sample_step"):
+        stepper: Any = self.handle
+        if not hasattr(stepper, "sample_step"):  # a gang: whole static batches
             if ready:
                 self._run_static(ready, start)
             return
-        self._drop_cancelled(stepper)
+        self._drop_cancelled()
         if ready:
-            self._admit(stepper, ready, start)
+            self._admit(ready, start)
         if not self._decoding:
             return
         try:
-            finished, deltas = stepper.sample_step(self.sample_slice_seconds)  # type: ignore[union-attr]
+            finished, deltas = stepper.sample_step(self.sample_slice_seconds)
         except ReplicaLost:
             raise
         except Exception as exc:
             log.warning("sampling step failed (%s); failing the batch's requests", exc)
-            stepper.sample_abort()  # type: ignore[union-attr]
+            stepper.sample_abort()
             for decoding in self._sampling():
                 decoding.op.fail(_classify(exc))
             return
@@ -708,46 +708,46 @@ class ModelScheduler:
             first = min(first, decoding.admitted)
             done.append((decoding.op, out))
         if parts:
-            self.telemetry.sample_batch(self.worker.info.name, first, time.time(), parts)
-        self._report_prefix_cache(stepper)
+            self.telemetry.sample_batch(self.front.info.name, first, time.time(), parts)
+        self._report_prefix_cache()
         for op, out in done:
             op.done(out)
 
-    def _report_prefix_cache(self, stepper: object) -> None:
-        stats = getattr(stepper, "prefix_cache_stats", None)
+    def _report_prefix_cache(self) -> None:
+        stats = getattr(self.handle, "prefix_cache_stats", None)
         if stats is None:
             return
         lookups, hits = stats()
         last_lookups, last_hits = self._prefix_seen
         if lookups > last_lookups:
             self.telemetry.prefix_cache(
-                self.worker.info.name, lookups - last_lookups, hits - last_hits
+                self.front.info.name, lookups - last_lookups, hits - last_hits
             )
             self._prefix_seen = (lookups, hits)
 
-    def _drop_cancelled(self, stepper: object) -> None:
+    def _drop_cancelled(self) -> None:
         """Take cancelled ops' rows out of the decode batch (their callers failed them)."""
         with self._cv:
             cancelled, self._cancelled = self._cancelled, set()
         keys = [key for key in cancelled if key in self._decoding]
-        if keys and hasattr(stepper, "sample_cancel"):
-            stepper.sample_cancel(keys)
+        if keys:
+            self.handle.sample_cancel(keys)  # type: ignore[attr-defined]
             for key in keys:
                 del self._decoding[key]
 
-    def _admit(self, stepper: object, ops: list[Op], start: float) -> None:
+    def _admit(self, ops: list[Op], start: float) -> None:
         """Prefill ops into the decode batch; if a batched admission fails, one by one (only
         the op that fails alone fails)."""
         inputs = [dataclasses.replace(op.action.input, on_token=None) for op in ops]  # type: ignore[union-attr]
         try:
-            stepper.sample_admit([op.request_id for op in ops], inputs)  # type: ignore[attr-defined]
+            self.handle.sample_admit([op.request_id for op in ops], inputs)  # type: ignore[attr-defined]
         except ReplicaLost:
             raise
         except Exception as exc:
             if len(ops) > 1:
                 log.warning("batched admission failed (%s); admitting one by one", exc)
                 for op in ops:
-                    self._admit(stepper, [op], start)
+                    self._admit([op], start)
                 return
             ops[0].fail(_classify(exc))
             return
@@ -787,7 +787,7 @@ class ModelScheduler:
             item = op.action.input  # type: ignore[union-attr]
             sampled = sum(len(seq.tokens) for seq in getattr(out, "sequences", []))
             parts.append(BatchPart(op.request_id, item.num_samples, len(item.prompt), sampled))
-        self.telemetry.sample_batch(self.worker.info.name, start, time.time(), parts)
+        self.telemetry.sample_batch(self.front.info.name, start, time.time(), parts)
         for op, out in zip(ops, outputs, strict=True):
             op.done(out)
 
