@@ -512,19 +512,33 @@ def bench_sample(
     threads: Annotated[int, typer.Option(help="torch threads")] = 2,
     tokens: Annotated[int, typer.Option(help="new tokens per sequence")] = 64,
     engine: Annotated[
-        str, typer.Option(help="continuous, or static: the previous sampler, for (a)/(b)")
+        str,
+        typer.Option(
+            help="continuous; or transformers (its forward as the decode step) or static "
+            "(the previous sampler), for (a)/(b)"
+        ),
     ] = "continuous",
     server: Annotated[
         bool, typer.Option(help="run (c): concurrent SDK clients on a real server")
     ] = True,
     dtype: Annotated[str | None, BenchDtypeOption] = None,
+    vllm_python: Annotated[
+        Path | None,
+        typer.Option(
+            help="Python of a vLLM venv: (a)/(b) on vLLM too [default: .vllm-venv if built]"
+        ),
+    ] = None,
+    vllm: Annotated[bool, typer.Option(help="run the vLLM column where a venv is found")] = True,
 ) -> None:
-    """Sampling tokens/s and time to first token vs HF generate and the machine's limit."""
+    """Sampling tokens/s and time to first token vs HF generate, vLLM and the machine's limit."""
     from tinkerd.bench.sample import SampleBenchConfig, run
+    from tinkerd.engine.vllm_sampler import default_python
 
-    if engine not in ("continuous", "static"):
-        raise typer.BadParameter("--engine must be continuous or static")
+    if engine not in ("continuous", "transformers", "static"):
+        raise typer.BadParameter("--engine must be continuous, transformers or static")
     settings = _settings(data_dir=data_dir)
+    if vllm and vllm_python is None:
+        vllm_python = default_python(Path(__file__).resolve().parents[1])
     cfg = SampleBenchConfig(
         data_dir=settings.data_dir,
         threads=threads,
@@ -532,6 +546,7 @@ def bench_sample(
         engine=engine,
         server=server,
         dtype=dtype,
+        vllm_python=vllm_python if vllm else None,
     )
     if model:
         cfg = SampleBenchConfig(**{**cfg.__dict__, "model": model})

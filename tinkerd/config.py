@@ -105,6 +105,12 @@ class Settings(BaseSettings):
     # Memory for prompt KV shared across sample requests (model/prefix_cache.py: a prompt's
     # prefix is computed once per adapter snapshot; least recently used evicted). 0: off.
     prefix_cache_mb: float = Field(default=512.0, ge=0)
+    # Prompt tokens prefilled per decode step (model/sample_engine.py): a longer prompt is
+    # prefilled in chunks between decode steps, so rows already decoding are not stalled.
+    prefill_chunk_tokens: int = Field(default=512, ge=1)
+    # Decode step of Llama-family models: "tinkerd" (model/decoder.py, a KV arena and packed
+    # weights) or "transformers" (its forward over a padded cache, as other models use).
+    decoder: Literal["tinkerd", "transformers"] = "tinkerd"
     # Decode time per scheduler turn before training work runs again (engine/scheduler.py:
     # bounds how long sampling delays a training op, and the per-turn overhead).
     sample_slice_ms: float = Field(default=50.0, gt=0)

@@ -45,10 +45,17 @@ def _randomize(worker: ModelWorker, adapter_id: str, seed: int) -> None:
     worker.lora.load_weights(adapter_id, tensors)
 
 
-@pytest.fixture(scope="module")
-def worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelWorker]:
+@pytest.fixture(scope="module", params=["own", "transformers"])
+def worker(
+    request: pytest.FixtureRequest,
+    tiny_model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[ModelWorker]:
+    """The engine on both decode batches: tinkerd's own decode step (what a Llama gets) and
+    transformers' forward over a padded cache (what the other continuous models get)."""
     base = load_base_model(str(tiny_model_dir), data_dir=tmp_path_factory.mktemp("data"))
-    w = ModelWorker(base)
+    w = ModelWorker(base, own_decoder=request.param == "own", prefill_chunk=16)
+    assert w.sampler.own_decoder == (request.param == "own")
     w.add_adapter("a", LoraConfig(rank=4, seed=1))
     _randomize(w, "a", 11)
     w.add_adapter("b", LoraConfig(rank=8, seed=2))
@@ -327,6 +334,60 @@ def test_prefix_cache_unit() -> None:
     assert cache.lookup("w", [5, *tokens], limit=12) == (0, None)
     length, _ = cache.lookup("w", tokens, limit=6)
     assert length == 4  # never past the limit (the positions a request needs computed)
+
+
+def test_long_prompt_prefills_in_chunks_while_others_decode(worker: ModelWorker) -> None:
+    """A 70-token prompt (chunks of 16) takes five chunks to prefill; the request already
+    decoding gets a token at every one of them; both equal their static results."""
+    assert worker.sampler.prefill_chunk == 16
+    running = _item("b", 40, tokens=20)
+    long = SampleInput(
+        "a",
+        _prompt(70, 41),
+        SamplingParams(max_tokens=6, seed=41),
+        num_samples=2,
+        prompt_logprobs=True,
+        topk_prompt_logprobs=2,
+    )
+    worker.sample_admit(["running"], [running])
+    worker.sample_step(0.0)
+    worker.sample_admit(["long"], [long])  # its first chunk
+    waited = 0
+    results: dict[Hashable, SampleOutput] = {}
+    while "long" not in results:
+        finished, deltas = worker.sample_step(0.0)
+        results.update(finished)
+        if "running" not in results:
+            assert len(deltas["running"]) == 1  # never stalled by the long prefill
+        if "long" not in deltas and "long" not in finished:
+            waited += 1
+    # Admission ran chunk 1 (16 tokens); steps ran chunks 2-4 without a token for it; the
+    # step of chunk 5 (the last 6 tokens) joined its rows and drew their first tokens.
+    assert waited == 3
+    results.update(_drain(worker))
+    _same(results["running"], _static(worker, running))
+    want = _static(worker, long)
+    _same(results["long"], want)
+    got_prompt = results["long"].prompt_logprobs
+    assert got_prompt is not None and want.prompt_logprobs is not None
+    assert_close_scaled(
+        torch.tensor(got_prompt[1:]), torch.tensor(want.prompt_logprobs[1:]), terms=VOCAB_TERMS
+    )
+    assert results["long"].topk_prompt_logprobs is not None
+    assert want.topk_prompt_logprobs is not None
+    assert [t and [i for i, _ in t] for t in results["long"].topk_prompt_logprobs] == [
+        t and [i for i, _ in t] for t in want.topk_prompt_logprobs
+    ]
+
+
+def test_cancel_while_prefilling_releases_the_request(worker: ModelWorker) -> None:
+    slow = SampleInput("a", _prompt(60, 50), SamplingParams(max_tokens=5, seed=50))
+    worker.sample_admit(["slow"], [slow])  # the first of four chunks
+    assert worker.sample_active() == 1
+    worker.sample_cancel(["slow"])
+    assert worker.sample_active() == 0
+    assert not [a for a in worker.lora.adapters if "\x00" in a]  # its pin released
+    assert _drain(worker) == {}
 
 
 def test_static_fallback_gives_the_same_results(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -160,6 +160,8 @@ def build_schedulers(settings: Settings) -> dict[str, Scheduler]:
             base,
             autocast_dtype=autocast,
             prefix_cache_bytes=int(settings.prefix_cache_mb * 2**20),
+            own_decoder=settings.decoder == "tinkerd",
+            prefill_chunk=settings.prefill_chunk_tokens,
         )
         budget = train_token_budget(worker, settings)
         schedulers[base.info.name] = ModelScheduler(
@@ -191,6 +193,8 @@ def build_router(
         trust_remote_code=spec.name in settings.trust_remote_code,
         threads=settings.threads,
         prefix_cache_bytes=int(settings.prefix_cache_mb * 2**20),
+        own_decoder=settings.decoder == "tinkerd",
+        prefill_chunk=settings.prefill_chunk_tokens,
     )
     num_gpus = 1.0 if cuda else 0.0
     handles: list[WorkerHandle] = []

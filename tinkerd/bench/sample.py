@@ -12,8 +12,12 @@ first draw); (c) is not streamed by the Tinker SDK, so its per-request latency i
 The machine limit: a decode step must read every weight once (measured read bandwidth) and do
 2 x params FLOPs per sequence (measured matmul peak in the model's dtype), so at batch B
 tokens/s <= B / max(weight bytes / bandwidth, B x 2 x params / peak).
-`--engine static` runs (a)/(b) on the previous static-batch sampler (one batch at a time, no
-prefix cache) for comparison. The last line printed is one JSON object with every figure.
+`--engine transformers` runs (a)/(b) on the continuous engine with transformers' forward as
+the decode step (what models without tinkerd's own decoder get), `--engine static` on the
+previous static-batch sampler (one batch at a time, no prefix cache), for comparison.
+Where a vLLM venv is given (`--vllm-python`, default `.vllm-venv` when `make vllm-venv` built
+it), (a)/(b) also run on vLLM through tinkerd's runner (engine/vllm_sampler.py), same prompts,
+seeds and dtype, in the same run. The last line printed is one JSON object with every figure.
 """
 
 import dataclasses
@@ -47,9 +51,10 @@ class SampleBenchConfig:
     concurrent: int = 64
     clients: int = 8
     arrival_s: float = 2.0  # (c): requests arrive spread over this many seconds
-    engine: str = "continuous"  # or "static": the previous sampler, for (a)/(b)
+    engine: str = "continuous"  # "transformers" or "static": other samplers, for (a)/(b)
     server: bool = True  # run (c)
     dtype: str | None = None  # None: what the machine runs fast (bench/dtype.py)
+    vllm_python: Path | None = None  # a vLLM venv's python: (a)/(b) on vLLM too
 
 
 def chat_prompts(tokenizer: object, n: int) -> list[list[int]]:
@@ -170,6 +175,33 @@ def run_generate(worker: ModelWorker, prompts: list[list[int]], samples: int, to
     return {"tok_s": round(len(prompts) * samples * tokens / elapsed, 1), "ttft_s": round(ttft, 3)}
 
 
+def run_vllm(
+    cfg: SampleBenchConfig, model_dir: Path, dtype: str, prompts: list[list[int]], info: object
+) -> dict:
+    """(a) and (b) on vLLM (its own process, tinkerd's runner): tokens/s of one timed call
+    per shape after a warm-up. vLLM returns whole results only, so no time to first token."""
+    from tinkerd.engine.vllm_sampler import VllmConfig, VllmSampler
+
+    assert cfg.vllm_python is not None
+    sampler = VllmSampler(VllmConfig(cfg.vllm_python, model_dir, dtype=dtype), info)  # type: ignore[arg-type]
+    results: dict = {"vllm_version": sampler.process.version}
+    try:
+        params = SamplingParams(max_tokens=cfg.tokens, temperature=1.0, stop=(), seed=0)
+        for name, samples in (("8x1", 1), ("8x8", cfg.samples)):
+            inputs = [SampleInput(None, p, params, num_samples=samples) for p in prompts]
+            sampler.sample(inputs[:2], {})
+            t0 = time.perf_counter()
+            outs = sampler.sample(inputs, {})
+            elapsed = time.perf_counter() - t0
+            made = sum(len(s.tokens) for o in outs for s in o.sequences)
+            assert made == len(prompts) * samples * cfg.tokens
+            results[f"vllm_{name}_tok_s"] = round(made / elapsed, 1)
+            print(f"  vllm ({name}) {results[f'vllm_{name}_tok_s']} tok/s", flush=True)
+    finally:
+        sampler.close()
+    return results
+
+
 def run_concurrent(
     cfg: SampleBenchConfig, prompts: list[list[int]], dtype: str, env: dict[str, str]
 ) -> dict:
@@ -235,6 +267,7 @@ def run(cfg: SampleBenchConfig) -> dict:
         autocast_dtype=torch.bfloat16 if choice.dtype == "bfloat16" else None,
         prefix_cache_bytes=0 if static else 512 << 20,
         continuous_sampling=not static,
+        own_decoder=cfg.engine == "continuous",
     )
     prompts = chat_prompts(base.tokenizer, cfg.prompts)
     results: dict = {
@@ -261,6 +294,14 @@ def run(cfg: SampleBenchConfig) -> dict:
     results["share_8x8_of_limit"] = round(
         results["tinkerd_8x8_tok_s"] / results["machine_limit_tok_s"], 3
     )
+    if cfg.vllm_python is not None:
+        print(f"vLLM ({cfg.vllm_python}): (a) and (b)", flush=True)
+        model_dir = Path(base.model.name_or_path)
+        results.update(run_vllm(cfg, model_dir, choice.dtype, prompts, base.info))
+        for name in ("8x1", "8x8"):
+            results[f"ratio_{name}_vs_vllm"] = round(
+                results[f"tinkerd_{name}_tok_s"] / results[f"vllm_{name}_tok_s"], 3
+            )
     if cfg.server:
         print(f"(c) {cfg.concurrent} requests from {cfg.clients} SDK clients", flush=True)
         results.update(run_concurrent(cfg, prompts, choice.dtype, choice.serve_env()))

@@ -30,6 +30,7 @@ from tinkerd.engine.worker_handle import ModelFront, ReplicaLost
 from tinkerd.model.loading import BaseModelInfo
 from tinkerd.model.lora import LoraConfig
 from tinkerd.model.optimizer import AdamParams, OptimStepResult
+from tinkerd.model.sample_engine import DEFAULT_PREFILL_CHUNK
 from tinkerd.model.types import (
     ForwardBackwardInput,
     ForwardBackwardOutput,
@@ -63,6 +64,8 @@ class ReplicaSpec:
     trust_remote_code: bool = False
     threads: int | None = None  # torch threads in the actor (None: its CPU share)
     prefix_cache_bytes: int | None = None  # the sampler's prefix cache (None: its default)
+    own_decoder: bool = True  # tinkerd's decode step where the model allows (model/decoder.py)
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens prefilled per decode step
 
 
 # -- numpy transport -----------------------------------------------------------------------
@@ -140,7 +143,13 @@ class WorkerActor:
             if spec.prefix_cache_bytes is None
             else {"prefix_cache_bytes": spec.prefix_cache_bytes}
         )
-        self.model = ModelWorker(base, autocast_dtype=autocast, **extra)
+        self.model = ModelWorker(
+            base,
+            autocast_dtype=autocast,
+            own_decoder=spec.own_decoder,
+            prefill_chunk=spec.prefill_chunk,
+            **extra,
+        )
         self.local = LocalWorker(self.model)
 
     def call(self, name: str, args: tuple, kwargs: dict) -> tuple[bool, Any]:

@@ -1,21 +1,24 @@
 """Step-wise sampling with continuous batching: requests join the running decode batch at the
 next step boundary and each row leaves the moment it stops.
 
-`add` prefills new requests (their prompt KV from the prefix cache where it holds a prefix,
-computed once per distinct prompt otherwise, then repeated for `num_samples`) and merges
-their rows into the decode batch; `step` draws one token for every active row and runs one
-decode forward pass for the rows still going. Rows of every adapter and the base model decode
-together, sorted by adapter so each adapter's LoRA rows stay contiguous.
+`add` admits requests: their prompt KV comes from the prefix cache where it holds a prefix,
+and is computed once per distinct prompt otherwise, in chunks of at most `prefill_chunk`
+tokens per step (so a long prompt never stalls the rows already decoding for its whole
+prefill), then repeated for `num_samples`. When a prompt is done its rows join the decode
+batch; `step` runs the next prefill chunk, draws one token for every active row and runs one
+decode pass for the rows still going. Rows of every adapter and the base model decode
+together.
 
 Weights are pinned per row: a row routes to a frozen copy of its adapter as it was at
 admission (`<id>\\x00<version>`), so a snapshot re-taken under the same id, an optimizer step
 or an eviction between two decode steps never changes the weights a sequence is drawn from.
 
-The batch cache is left-padded: a row's keys sit right-aligned, columns no row uses any more
-are cut off when rows leave, and a join pads the shorter side. This path serves models whose
-every cache layer is a plain full-attention `DynamicLayer` and that take no images; others
-(sliding windows, linear attention, Qwen-VL's M-RoPE) are served by the static batch of
-`sampling.sample` (`continuous` False): `step` then runs every admitted request to its end.
+The decode batch itself (model/decode_batch.py) is tinkerd's own decode step over a KV arena
+for Llama-family models (model/decoder.py), and transformers' forward over a left-padded
+cache for the other models whose every cache layer is a plain full-attention `DynamicLayer`
+and that take no images. Others (sliding windows, linear attention, Qwen-VL's M-RoPE) are
+served by the static batch of `sampling.sample` (`continuous` False): `step` then runs every
+admitted request to its end.
 
 Every draw and output is the static path's (`sampling.choose_tokens`, `_prompt_extras`);
 each row's generator is seeded by its request's seed and sample index only, so a request gives
@@ -31,10 +34,11 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from tinkerd.model import decoder
+from tinkerd.model.decode_batch import ArenaBatch, DecodeBatch, PaddedBatch, set_layer
 from tinkerd.model.lora import Adapter, MultiLoraModel, segments_for
 from tinkerd.model.prefix_cache import KV, PrefixCache
 from tinkerd.model.sampling import (
@@ -54,6 +58,7 @@ from tinkerd.model.types import SampledSequence, SampleInput, SampleOutput, Samp
 
 log = logging.getLogger(__name__)
 
+DEFAULT_PREFILL_CHUNK = 512  # prompt tokens prefilled per step (TINKERD_PREFILL_CHUNK_TOKENS)
 PIN_SEP = "\x00"  # adapter id + PIN_SEP + weights version: a row's frozen adapter copy
 
 Deltas = dict[Hashable, list[tuple[int, Choice]]]  # key -> [(sample index, choice)] in order
@@ -105,23 +110,30 @@ class _Row:
 
 @dataclass
 class _Request:
-    extras: _PromptExtras
+    extras: _PromptExtras | None  # None while its prompt is being prefilled
     rows: list[_Row]
     left: int  # rows not finished yet
 
 
 @dataclass
 class _Unit:
-    """One distinct prompt to prefill: its rows' shared KV and next-token logits."""
+    """One distinct prompt to prefill (in chunks): its rows' shared KV and next-token
+    logits, and the requests waiting for it."""
 
     route: str | None
     weights: str  # prefix-cache key of the weights
     prompt: list[int]
     cached: int  # leading positions served from the prefix cache
-    prefix_kv: KV | None
-    kv: KV = field(default_factory=list)
-    logits: torch.Tensor | None = None
-    hidden: torch.Tensor | None = None  # (len(prompt) - cached, d)
+    kv: KV  # positions 0..done-1 (the cached prefix at first)
+    done: int = -1  # positions with KV so far
+    logits: torch.Tensor | None = None  # after the last prompt position
+    hiddens: list[torch.Tensor] = field(default_factory=list)  # per chunk
+    hidden: torch.Tensor | None = None  # (len(prompt) - cached, d), once done
+    waiting: list[tuple[Hashable, SampleInput, str | None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.done < 0:
+            self.done = self.cached
 
 
 class SampleEngine:
@@ -137,6 +149,9 @@ class SampleEngine:
         context_length: int,
         prefix_cache: PrefixCache | None = None,
         continuous: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        own_decoder: bool = True,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ) -> None:
         self.lora = lora
         self.tokenizer = tokenizer
@@ -146,12 +161,13 @@ class SampleEngine:
         self.prefix_cache = prefix_cache
         self.continuous = continuous
         self.device = lora.model.get_output_embeddings().weight.device
+        self.compute_dtype = compute_dtype or lora.model.get_output_embeddings().weight.dtype
+        self.own_decoder = own_decoder and decoder.supports(lora.model)
+        self.prefill_chunk = max(1, prefill_chunk)
         self._requests: dict[Hashable, _Request] = {}
-        self._rows: list[_Row] = []  # batch order (sorted by route)
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # (rows, columns) 1 = real position
-        self._next_pos: torch.Tensor | None = None  # (rows,) position of each row's next token
-        self._logits: torch.Tensor | None = None  # (rows, vocab) for the next draw
+        self._rows: list[_Row] = []  # in the batch's slot order
+        self._batch: DecodeBatch | None = None  # made at the first admission
+        self._pending: list[_Unit] = []  # prompts being prefilled, oldest first
         self._pins: dict[str, int] = {}  # pinned copy -> rows using it
         self._static: list[tuple[Hashable, SampleInput]] = []  # not-continuous mode
         # adapter id -> (its Adapter object, epoch): a new object (re-snapshot, reload) under
@@ -167,8 +183,9 @@ class SampleEngine:
 
     @torch.no_grad()
     def add(self, keys: list[Hashable], inputs: list[SampleInput]) -> None:
-        """Admit validated requests (keys unique among the active ones): prefill them and add
-        their rows to the decode batch. Raises (and admits none) if the prefill fails."""
+        """Admit validated requests (keys unique among the active ones) and run the first
+        prefill chunk of their prompts; a request's rows join the decode batch when its
+        prompt is prefilled. Raises (and admits none) if that first chunk fails."""
         if not self.continuous:
             self._static.extend(zip(keys, inputs, strict=True))
             return
@@ -177,28 +194,22 @@ class SampleEngine:
             for item in inputs:
                 routes.append(self._pin(item.adapter_id))
             units, unit_of = self._units(inputs, routes)
-            self._prefill(units)
-            extras = [
-                self._extras(item, routes[i], units[unit_of[i]]) for i, item in enumerate(inputs)
-            ]
         except Exception:
             for route in routes:
                 self._unpin(route)
             raise
-        rows: list[_Row] = []
-        sources: list[int] = []
         for i, (key, item) in enumerate(zip(keys, inputs, strict=True)):
-            new = self._new_rows(key, item, routes[i])
-            self._requests[key] = _Request(extras[i], new, len(new))
-            rows.extend(new)
-            sources.extend([unit_of[i]] * len(new))
-            # One pin per row (the request took one): each row releases its own.
-            for _ in range(len(new) - 1):
-                self._pin_again(routes[i])
-            if not new:
-                self._unpin(routes[i])
-        if rows:
-            self._merge(rows, sources, units)
+            self._requests[key] = _Request(None, [], 0)
+            units[unit_of[i]].waiting.append((key, item, routes[i]))
+        try:
+            self._prefill_round(units)
+        except Exception:
+            for key in keys:
+                self._requests.pop(key, None)
+            for route in routes:
+                self._unpin(route)
+            raise
+        self._pending.extend(u for u in units if u.done < len(u.prompt))
 
     def _pin(self, adapter_id: str | None) -> str | None:
         """A frozen copy of the adapter's current weights for the rows being admitted."""
@@ -257,74 +268,57 @@ class SampleEngine:
                 cached, prefix_kv = self.prefix_cache.lookup(weights, item.prompt, need)
             seen[key] = len(units)
             unit_of.append(len(units))
-            units.append(_Unit(route, weights, list(item.prompt), cached, prefix_kv))
+            units.append(_Unit(route, weights, list(item.prompt), cached, prefix_kv or []))
         return units, unit_of
 
-    def _prefill(self, units: list[_Unit]) -> None:
-        """Prompt KV, last-position logits and hidden states of every unit. Units without a
-        cached prefix share one left-padded pass; the others continue their cached KV."""
-        fresh = sorted((u for u in units if u.cached == 0), key=lambda u: u.route or "")
-        if fresh:
-            self._prefill_padded(fresh)
-        by_length: dict[int, list[_Unit]] = {}
+    # -- prefill, in chunks ----------------------------------------------------------------
+
+    def _prefill_round(self, units: list[_Unit]) -> None:
+        """The next chunk of each unit's prompt, oldest first, until `prefill_chunk` tokens
+        are taken (at least one unit); units with the same prefilled length share one pass.
+        A unit whose prompt is done joins the decode batch with its waiting requests."""
+        budget = self.prefill_chunk
+        ends: dict[int, int] = {}  # id(unit) -> end of this chunk
         for unit in units:
-            if unit.cached > 0:
-                by_length.setdefault(unit.cached, []).append(unit)
-        for group in by_length.values():
-            self._prefill_continued(sorted(group, key=lambda u: u.route or ""))
-        if self.prefix_cache is not None:
-            for unit in units:
-                block = self.prefix_cache.block
-                if (len(unit.prompt) - 1) // block * block > unit.cached:
-                    self.prefix_cache.insert(unit.weights, unit.prompt[:-1], unit.kv)
+            if budget <= 0:
+                break
+            take = min(len(unit.prompt) - unit.done, budget)
+            ends[id(unit)] = unit.done + take
+            budget -= take
+        chosen = [u for u in units if id(u) in ends]
+        by_done: dict[int, list[_Unit]] = {}
+        for unit in chosen:
+            by_done.setdefault(unit.done, []).append(unit)
+        for group in by_done.values():
+            group.sort(key=lambda u: u.route or "")
+            self._prefill_pass(group, [ends[id(u)] for u in group])
+        for unit in chosen:
+            if unit.done == len(unit.prompt):
+                self._join(unit)
+        self._pending = [u for u in self._pending if u.done < len(u.prompt)]
 
-    def _prefill_padded(self, units: list[_Unit]) -> None:
-        width = max(len(u.prompt) for u in units)
-        ids = torch.full((len(units), width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((len(units), width), dtype=torch.long)
-        for i, u in enumerate(units):
-            ids[i, width - len(u.prompt) :] = torch.tensor(u.prompt)
-            attn[i, width - len(u.prompt) :] = 1
-        ids, attn = ids.to(self.device), attn.to(self.device)
-        positions = (attn.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.lora.model.config)
-        with self.lora.route(segments_for([u.route for u in units])):
-            hidden = body(self.lora.model)(
-                input_ids=ids,
-                attention_mask=attn,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-            ).last_hidden_state
-            logits = unembed(self.lora, hidden[:, -1]).float()
-        for i, u in enumerate(units):
-            n = len(u.prompt)
-            u.kv = [
-                (layer.keys[i : i + 1, :, width - n :], layer.values[i : i + 1, :, width - n :])
-                for layer in cache.layers
-            ]
-            u.hidden = hidden[i, width - n :]
-            u.logits = logits[i]
-
-    def _prefill_continued(self, units: list[_Unit]) -> None:
-        """Units continuing cached prefixes of one length, in one pass: the prefixes stacked,
-        the rest right-padded (causal attention: a padding position after a row's last token
-        changes nothing before it), so each row's KV stays contiguous."""
-        c = units[0].cached
-        rest = [len(u.prompt) - c for u in units]
+    def _prefill_pass(self, units: list[_Unit], ends: list[int]) -> None:
+        """Positions [c, end) of units that have `c` positions of KV each, in one pass: the
+        prefixes stacked, the chunks right-padded (causal attention: a padding position
+        after a row's last token changes nothing before it), so each row's KV stays
+        contiguous. Keeps each unit's KV, hidden states, and logits once its prompt ends."""
+        c = units[0].done
+        rest = [end - c for end in ends]
         width = max(rest)
         ids = torch.full((len(units), width), self.pad_id, dtype=torch.long)
         attn = torch.zeros((len(units), c + width), dtype=torch.long)
         attn[:, :c] = 1
         for i, u in enumerate(units):
-            ids[i, : rest[i]] = torch.tensor(u.prompt[c:])
+            ids[i, : rest[i]] = torch.tensor(u.prompt[c : ends[i]])
             attn[i, c : c + rest[i]] = 1
         cache = DynamicCache(config=self.lora.model.config)
-        for li, layer in enumerate(cache.layers):
-            prefixes = [u.prefix_kv[li] for u in units if u.prefix_kv is not None]
-            _set_layer(
-                layer, torch.cat([k for k, _ in prefixes]), torch.cat([v for _, v in prefixes])
-            )
+        if c:
+            for li, layer in enumerate(cache.layers):
+                set_layer(
+                    layer,
+                    torch.cat([u.kv[li][0] for u in units]),
+                    torch.cat([u.kv[li][1] for u in units]),
+                )
         positions = torch.arange(c, c + width).expand(len(units), width)
         with self.lora.route(segments_for([u.route for u in units])):
             hidden = body(self.lora.model)(
@@ -334,16 +328,58 @@ class SampleEngine:
                 past_key_values=cache,
                 use_cache=True,
             ).last_hidden_state
-            last = hidden[torch.arange(len(units)), torch.tensor(rest) - 1]
-            logits = unembed(self.lora, last).float()
+            ending = [i for i, u in enumerate(units) if ends[i] == len(u.prompt)]
+            if ending:
+                last = hidden[torch.tensor(ending), torch.tensor([rest[i] - 1 for i in ending])]
+                logits = unembed(self.lora, last).float()
+                for j, i in enumerate(ending):
+                    units[i].logits = logits[j]
         for i, u in enumerate(units):
             n = c + rest[i]
             u.kv = [
                 (layer.keys[i : i + 1, :, :n], layer.values[i : i + 1, :, :n])
                 for layer in cache.layers
             ]
-            u.hidden = hidden[i, : rest[i]]
-            u.logits = logits[i]
+            u.hiddens.append(hidden[i, : rest[i]])
+            u.done = ends[i]
+
+    def _join(self, unit: _Unit) -> None:
+        """The unit's waiting requests get their prompt outputs and rows; the rows join the
+        decode batch. The prompt's KV goes into the prefix cache."""
+        unit.hidden = torch.cat(unit.hiddens) if len(unit.hiddens) > 1 else unit.hiddens[0]
+        unit.hiddens = []
+        rows: list[_Row] = []
+        for key, item, route in unit.waiting:
+            request = self._requests[key]
+            request.extras = self._extras(item, route, unit)
+            request.rows = self._new_rows(key, item, route)
+            request.left = len(request.rows)
+            rows.extend(request.rows)
+            # One pin per row (the request took one): each row releases its own.
+            for _ in range(len(request.rows) - 1):
+                self._pin_again(route)
+            if not request.rows:
+                self._unpin(route)
+        unit.waiting = []
+        if self.prefix_cache is not None:
+            block = self.prefix_cache.block
+            if (len(unit.prompt) - 1) // block * block > unit.cached:
+                self.prefix_cache.insert(unit.weights, unit.prompt[:-1], unit.kv)
+        if rows:
+            assert unit.logits is not None
+            batch = self._batch_kind()
+            logits = unit.logits.unsqueeze(0).expand(len(rows), -1)
+            order = batch.add([row.route for row in rows], [unit.kv] * len(rows), logits)
+            everyone = self._rows + rows
+            self._rows = [everyone[i] for i in order]
+
+    def _batch_kind(self) -> DecodeBatch:
+        if self._batch is None:
+            if self.own_decoder:
+                self._batch = ArenaBatch(decoder.Decoder(self.lora, self.compute_dtype))
+            else:
+                self._batch = PaddedBatch(self.lora, self.device)
+        return self._batch
 
     def _extras(self, item: SampleInput, route: str | None, unit: _Unit) -> _PromptExtras:
         assert unit.hidden is not None
@@ -375,62 +411,6 @@ class SampleEngine:
             )
         return rows
 
-    def _merge(self, rows: list[_Row], sources: list[int], units: list[_Unit]) -> None:
-        """Add rows (each repeating its unit's KV) to the batch, right-aligned, re-sorted by
-        route so each adapter's rows stay one segment."""
-        old = len(self._rows)
-        width = max([len(units[u].prompt) for u in sources] + [self._width()])
-        everyone = self._rows + rows
-        order = sorted(range(len(everyone)), key=lambda i: (everyone[i].route or "", i))
-        index = torch.tensor(order, device=self.device)
-        identity = order == list(range(len(everyone)))
-        cache = (
-            self._cache if self._cache is not None else DynamicCache(config=self.lora.model.config)
-        )
-        for li, layer in enumerate(cache.layers):
-            parts_k, parts_v = [], []
-            if old:
-                pad = width - layer.keys.shape[2]
-                parts_k.append(F.pad(layer.keys, (0, 0, pad, 0)))
-                parts_v.append(F.pad(layer.values, (0, 0, pad, 0)))
-            for u in sources:
-                k, v = units[u].kv[li]
-                pad = width - k.shape[2]
-                parts_k.append(F.pad(k, (0, 0, pad, 0)))
-                parts_v.append(F.pad(v, (0, 0, pad, 0)))
-            keys, values = torch.cat(parts_k), torch.cat(parts_v)
-            if not identity:
-                keys, values = keys.index_select(0, index), values.index_select(0, index)
-            _set_layer(layer, keys, values)
-        masks, positions, logits = [], [], []
-        if old:
-            assert self._mask is not None and self._next_pos is not None
-            assert self._logits is not None
-            masks.append(F.pad(self._mask, (width - self._mask.shape[1], 0)))
-            positions.append(self._next_pos)
-            logits.append(self._logits)
-        for u in sources:
-            n = len(units[u].prompt)
-            mask = torch.zeros((1, width), dtype=torch.long, device=self.device)
-            mask[0, width - n :] = 1
-            masks.append(mask)
-            positions.append(torch.tensor([n], device=self.device))
-            unit_logits = units[u].logits
-            assert unit_logits is not None
-            logits.append(unit_logits.unsqueeze(0))
-        self._cache = cache
-        self._mask = torch.cat(masks)
-        self._next_pos = torch.cat(positions)
-        self._logits = torch.cat(logits)
-        if not identity:
-            self._mask = self._mask.index_select(0, index)
-            self._next_pos = self._next_pos.index_select(0, index)
-            self._logits = self._logits.index_select(0, index)
-        self._rows = [everyone[i] for i in order]
-
-    def _width(self) -> int:
-        return 0 if self._mask is None else self._mask.shape[1]
-
     # -- decoding ------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -442,10 +422,13 @@ class SampleEngine:
         deltas: Deltas = {}
         finished_rows: list[_Row] = []
         keep: list[int] = []
+        if self._pending:
+            self._prefill_round(self._pending)
         live = [slot for slot, row in enumerate(self._rows) if row.stop_reason is None]
         if live:
-            assert self._logits is not None
-            logits = self._logits if len(live) == len(self._rows) else self._logits[live]
+            assert self._batch is not None and self._batch.logits is not None
+            all_logits = self._batch.logits
+            logits = all_logits if len(live) == len(self._rows) else all_logits[live]
             rows = [self._rows[slot] for slot in live]
             draws = [Draw(row.params, row.generator, row.topk) for row in rows]
             for row, choice in zip(rows, choose_tokens(logits, draws), strict=True):
@@ -458,9 +441,10 @@ class SampleEngine:
         finished = self._finish(finished_rows)
         finished.update(self._finish_empty())
         if len(keep) < len(self._rows):
-            self._select(keep)
+            self._keep(keep)
         if self._rows:
-            self._decode()
+            assert self._batch is not None
+            self._batch.decode([row.tokens[-1] for row in self._rows])
         return finished, deltas
 
     def _record(self, row: _Row, choice: Choice, deltas: Deltas) -> None:
@@ -488,13 +472,14 @@ class SampleEngine:
         return finished
 
     def _finish_empty(self) -> dict[Hashable, SampleOutput]:
-        """Requests that asked for no samples at all: done on their first step."""
-        empty = [key for key, r in self._requests.items() if not r.rows]
+        """Prefilled requests that asked for no samples at all: done on their next step."""
+        empty = [key for key, r in self._requests.items() if r.extras is not None and not r.rows]
         return {key: self._output(self._requests.pop(key)) for key in empty}
 
     @staticmethod
     def _output(request: _Request) -> SampleOutput:
         e = request.extras
+        assert e is not None
         return SampleOutput(
             [row.sequence() for row in request.rows],
             e.prompt_logprobs,
@@ -504,42 +489,10 @@ class SampleEngine:
             prompt_alt_logprobs=e.alt_logprobs,
         )
 
-    def _select(self, keep: list[int]) -> None:
-        """Drop the rows not in `keep` and the leading columns no remaining row uses."""
-        self._rows = [self._rows[i] for i in keep]
-        if not keep:
-            self._cache = self._mask = self._next_pos = self._logits = None
-            return
-        assert self._cache is not None and self._mask is not None
-        assert self._next_pos is not None and self._logits is not None
-        index = torch.tensor(keep, device=self.device)
-        mask = self._mask.index_select(0, index)
-        first = int(mask.any(0).to(torch.long).argmax())  # first column some row uses
-        mask = mask[:, first:]
-        for layer in self._cache.layers:
-            _set_layer(
-                layer,
-                layer.keys.index_select(0, index)[:, :, first:],
-                layer.values.index_select(0, index)[:, :, first:],
-            )
-        self._mask = mask
-        self._next_pos = self._next_pos.index_select(0, index)
-        self._logits = self._logits.index_select(0, index)
-
-    def _decode(self) -> None:
-        assert self._mask is not None and self._next_pos is not None
-        ids = torch.tensor([[row.tokens[-1]] for row in self._rows], device=self.device)
-        self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=1)
-        with self.lora.route(segments_for([row.route for row in self._rows])):
-            hidden = body(self.lora.model)(
-                input_ids=ids,
-                attention_mask=self._mask,
-                position_ids=self._next_pos.unsqueeze(1),
-                past_key_values=self._cache,
-                use_cache=True,
-            ).last_hidden_state
-            self._logits = unembed(self.lora, hidden[:, -1]).float()
-        self._next_pos = self._next_pos + 1
+    def _keep(self, slots: list[int]) -> None:
+        """Only these rows stay in the decode batch."""
+        assert self._batch is not None
+        self._rows = [self._rows[i] for i in self._batch.keep(slots)]
 
     def cancel(self, keys: list[Hashable]) -> None:
         """Drop these requests' rows from the batch at once (no output for them)."""
@@ -547,6 +500,12 @@ class SampleEngine:
         self._static = [(key, item) for key, item in self._static if key not in gone]
         for key in gone:
             self._requests.pop(key, None)
+        for unit in self._pending:  # still prefilling: each waiting request holds one pin
+            for key, _, route in unit.waiting:
+                if key in gone:
+                    self._unpin(route)
+            unit.waiting = [w for w in unit.waiting if w[0] not in gone]
+        self._pending = [u for u in self._pending if u.waiting]
         keep = []
         for slot, row in enumerate(self._rows):
             if row.key in gone:
@@ -554,16 +513,21 @@ class SampleEngine:
             else:
                 keep.append(slot)
         if len(keep) < len(self._rows):
-            self._select(keep)
+            self._keep(keep)
 
     def abort(self) -> list[Hashable]:
         """Drop every active request (after a failed step); returns their keys."""
         keys = list(self._requests) + [key for key, _ in self._static]
         for row in self._rows:  # rows still in the batch hold their pin
             self._unpin(row.route)
+        for unit in self._pending:
+            for _, _, route in unit.waiting:
+                self._unpin(route)
+        self._pending.clear()
         self._requests.clear()
         self._static.clear()
-        self._select([])
+        if self._rows:
+            self._keep([])
         return keys
 
     # -- models the continuous batch cannot serve ----------------------------------------
@@ -592,9 +556,3 @@ class SampleEngine:
             self._static = batch  # abort() reports them
             raise
         return {key: out for (key, _), out in zip(batch, outputs, strict=True)}, deltas
-
-
-def _set_layer(layer: DynamicLayer, keys: torch.Tensor, values: torch.Tensor) -> None:
-    if not layer.is_initialized:
-        layer.lazy_initialization(keys, values)
-    layer.keys, layer.values = keys, values

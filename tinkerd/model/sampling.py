@@ -331,7 +331,7 @@ def _truncate(logp: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
 
 def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row i's id: the first whose cumulative weight exceeds u[i] * total (the row's summed
-    `weights`, which need not be normalized), and that total; sums in float64.
+    `weights`, which need not be normalized), and that total; running sums in float64.
 
     Two levels, so no full-vocabulary float64 cumsum is needed: block sums find the block,
     a cumsum inside it the id. Either search lands on an element where the cumulative sum
@@ -341,7 +341,9 @@ def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, 
     n, vocab = weights.shape
     pad = -vocab % DRAW_BLOCK
     blocks = (F.pad(weights, (0, pad)) if pad else weights).view(n, -1, DRAW_BLOCK)
-    cdf = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # (n, blocks)
+    # Block sums in float32 (a float64 sum over the whole vocabulary takes 20x longer on
+    # CPU, measured), then the running sum over blocks in float64.
+    cdf = blocks.sum(-1).double().cumsum(-1)  # (n, blocks)
     total = cdf[:, -1:].contiguous()
     x = u.unsqueeze(1) * total
     b = torch.minimum(torch.searchsorted(cdf, x, right=True), torch.searchsorted(cdf, total))

@@ -18,7 +18,12 @@ from tinkerd.model.loading import BaseModel, BaseModelInfo
 from tinkerd.model.lora import Adapter, LoraConfig, MultiLoraModel
 from tinkerd.model.optimizer import AdamParams, AdapterOptimizer, OptimStepResult
 from tinkerd.model.prefix_cache import PrefixCache
-from tinkerd.model.sample_engine import Deltas, SampleEngine, continuous_supported
+from tinkerd.model.sample_engine import (
+    DEFAULT_PREFILL_CHUNK,
+    Deltas,
+    SampleEngine,
+    continuous_supported,
+)
 from tinkerd.model.sampling import validate_sample_input
 from tinkerd.model.training import forward_backward, validate_input
 from tinkerd.model.types import (
@@ -58,6 +63,8 @@ class ModelWorker:
         autocast_dtype: torch.dtype | None = None,
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
         continuous_sampling: bool = True,
+        own_decoder: bool = True,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ) -> None:
         self.base = base
         self.lora = MultiLoraModel(base.model)
@@ -80,6 +87,9 @@ class ModelWorker:
             prefix_cache=self.prefix_cache,
             continuous=continuous_sampling
             and continuous_supported(base.model, self.vision is not None),
+            compute_dtype=autocast_dtype,
+            own_decoder=own_decoder,
+            prefill_chunk=prefill_chunk,
         )
         self._sample_adapters: dict[Hashable, str | None] = {}  # admitted key -> adapter id
         self._local_keys = itertools.count()

@@ -1,0 +1,150 @@
+"""tinkerd's own decode step (model/decoder.py) and its KV arena (model/decode_batch.py
+`ArenaBatch`) against transformers' forward pass, on tiny random-init models (float32) of
+each family it serves, with LoRA adapters and base-model rows mixed in one batch.
+
+Each row's reference is transformers' forward over that row's whole sequence alone, under
+its adapter: the decode step must give the same next-token logits however the batch was
+assembled, after rows joined with ragged prompt lengths and others left (moving rows into
+the freed slots of the arena).
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from lineup.families import TEXT, UNTIED, build, gemma2, llama3, mistral, phi3, qwen3, qwen3_moe
+from numerics import assert_close_scaled
+from transformers import DynamicCache
+
+from tinkerd.model import decoder
+from tinkerd.model.decode_batch import ArenaBatch
+from tinkerd.model.loading import load_base_model
+from tinkerd.model.lora import LoraConfig, MultiLoraModel, segments_for
+from tinkerd.model.training import body, unembed
+
+TERMS = 512  # longest sum behind a logit (vocabulary 320, MLP width 128), rounded up
+
+
+def qwen2() -> tuple[type, object]:
+    """Qwen2: biases on q/k/v."""
+    return tf.Qwen2ForCausalLM, tf.Qwen2Config(**TEXT, **UNTIED)
+
+
+def mistral_full() -> tuple[type, object]:
+    """Mistral as most checkpoints ship it: no sliding window."""
+    return tf.MistralForCausalLM, tf.MistralConfig(**TEXT, **UNTIED, sliding_window=None)
+
+
+SERVED = {"llama3": llama3, "qwen2": qwen2, "qwen3": qwen3, "mistral": mistral_full}
+
+
+def _lora(family: object, path: Path) -> MultiLoraModel:
+    base = load_base_model(str(build(family, path / "model")), data_dir=path / "data")
+    lora = MultiLoraModel(base.model)
+    gen = torch.Generator().manual_seed(3)
+    for name, rank in (("a", 4), ("b", 8)):
+        adapter = lora.add_adapter(name, LoraConfig(rank=rank, seed=rank))
+        with torch.no_grad():
+            for key, p in adapter.params.items():
+                if key.endswith("lora_B.weight"):
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return lora
+
+
+def _reference(lora: MultiLoraModel, tokens: list[int], route: str | None) -> torch.Tensor:
+    with torch.no_grad(), lora.route(segments_for([route])):
+        hidden = body(lora.model)(input_ids=torch.tensor([tokens])).last_hidden_state
+        return unembed(lora, hidden[:, -1]).float()[0]
+
+
+def _prompt_kv(lora: MultiLoraModel, tokens: list[int], route: str | None) -> tuple:
+    """The prompt's KV and next-token logits from transformers (as the engine's prefill)."""
+    cache = DynamicCache(config=lora.model.config)
+    with torch.no_grad(), lora.route(segments_for([route])):
+        hidden = body(lora.model)(
+            input_ids=torch.tensor([tokens]), past_key_values=cache, use_cache=True
+        ).last_hidden_state
+        logits = unembed(lora, hidden[:, -1]).float()
+    return [(layer.keys, layer.values) for layer in cache.layers], logits
+
+
+@pytest.mark.parametrize(
+    ("name", "packed"), [(name, True) for name in sorted(SERVED)] + [("llama3", False)]
+)
+def test_decode_matches_transformers(
+    name: str, packed: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`packed` False: plain `F.linear` per projection, the path off CPU (no weight copy)."""
+    if not packed:
+        monkeypatch.setattr(decoder, "mkldnn_packing", lambda device, dtype: False)
+    lora = _lora(SERVED[name], tmp_path)
+    assert decoder.supports(lora.model)
+    batch = ArenaBatch(decoder.Decoder(lora, torch.float32))
+    gen = torch.Generator().manual_seed(0)
+    seqs: list[list[int]] = []
+    routes: list[str | None] = []
+
+    def join(lengths: list[int], new_routes: list[str | None]) -> None:
+        kvs, logits = [], []
+        for n, route in zip(lengths, new_routes, strict=True):
+            tokens = torch.randint(0, 256, (n,), generator=gen).tolist()
+            kv, first = _prompt_kv(lora, tokens, route)
+            kvs.append(kv)
+            logits.append(first)
+            seqs.append(tokens)
+        routes.extend(new_routes)
+        order = batch.add(new_routes, kvs, torch.cat(logits))
+        assert order == list(range(len(seqs)))
+
+    def decode_and_check() -> None:
+        assert batch.logits is not None
+        nxt = batch.logits.argmax(-1).tolist()
+        for i, token in enumerate(nxt):
+            seqs[i].append(token)
+        batch.decode(nxt)
+        for i, (tokens, route) in enumerate(zip(seqs, routes, strict=True)):
+            assert_close_scaled(
+                batch.logits[i], _reference(lora, tokens, route), terms=TERMS, msg=f"row {i}"
+            )
+
+    join([3, 9, 14, 6], ["a", None, "b", "a"])
+    decode_and_check()
+    join([5, 11], ["b", None])  # ragged lengths joining a running batch
+    decode_and_check()
+    decode_and_check()
+    order = batch.keep([1, 3, 4])  # rows past the new end move into the freed slots
+    assert sorted(order) == [1, 3, 4] and order != [1, 3, 4]
+    seqs[:] = [seqs[i] for i in order]
+    routes[:] = [routes[i] for i in order]
+    assert batch.routes == routes
+    decode_and_check()
+    join([7], [None])
+    for _ in range(40):  # past the arena's first block of positions: it grows in place
+        decode_and_check()
+    batch.keep([])
+    assert batch.arena.rows == 0 and batch.logits is None
+
+
+@pytest.mark.parametrize("family", [mistral, gemma2, phi3, qwen3_moe])
+def test_other_families_keep_transformers_forward(family: object, tmp_path: Path) -> None:
+    """Sliding windows, other norms/activations, fused projections and experts are not the
+    decoder's arithmetic: those models decode through transformers (PaddedBatch)."""
+    base = load_base_model(str(build(family, tmp_path / "model")), data_dir=tmp_path / "data")
+    assert not decoder.supports(base.model)
+
+
+def test_arena_growth_keeps_what_was_written() -> None:
+    arena = decoder.KVArena(2, 1, 4, torch.float32, torch.device("cpu"))
+    arena.reserve(2, 5)
+    kv = [(torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4)) for _ in range(2)]
+    arena.write_prompt(1, kv)
+    arena.rows = 2
+    arena.reserve(20, 200)
+    rows, positions = arena.capacity
+    assert rows >= 20 and positions >= 200 and positions % arena.block == 0
+    for layer, (k, v) in enumerate(kv):
+        assert torch.equal(arena.keys[layer][1, :, :5], k[0])
+        assert torch.equal(arena.values[layer][1, :, :5], v[0])
+    arena.move(1, 0, 5)
+    assert torch.equal(arena.keys[0][0, :, :5], kv[0][0][0])
