@@ -15,10 +15,9 @@ import torch
 import transformers as tf
 from lineup.families import TEXT, UNTIED, build, gemma2, llama3, mistral, phi3, qwen3, qwen3_moe
 from numerics import assert_close_scaled
-from transformers import DynamicCache
 
 from tinkerd.model import decoder
-from tinkerd.model.decode_batch import ArenaBatch
+from tinkerd.model.decode_batch import ArenaBatch, full_cache
 from tinkerd.model.loading import load_base_model
 from tinkerd.model.lora import LoraConfig, MultiLoraModel, segments_for
 from tinkerd.model.training import body, unembed
@@ -36,7 +35,24 @@ def mistral_full() -> tuple[type, object]:
     return tf.MistralForCausalLM, tf.MistralConfig(**TEXT, **UNTIED, sliding_window=None)
 
 
-SERVED = {"llama3": llama3, "qwen2": qwen2, "qwen3": qwen3, "mistral": mistral_full}
+def qwen2_sliding() -> tuple[type, object]:
+    """Qwen2 with its sliding window on the second layer only (`layer_types`)."""
+    config = tf.Qwen2Config(
+        **TEXT, **UNTIED, use_sliding_window=True, sliding_window=8, max_window_layers=1
+    )
+    assert config.layer_types == ["full_attention", "sliding_attention"]
+    return tf.Qwen2ForCausalLM, config
+
+
+# Sequences here grow to 50+ positions: well past the 8-position windows.
+SERVED = {
+    "llama3": llama3,
+    "qwen2": qwen2,
+    "qwen2_sliding": qwen2_sliding,
+    "qwen3": qwen3,
+    "mistral": mistral_full,
+    "mistral_sliding": mistral,
+}
 
 
 def _lora(family: object, path: Path) -> MultiLoraModel:
@@ -60,7 +76,7 @@ def _reference(lora: MultiLoraModel, tokens: list[int], route: str | None) -> to
 
 def _prompt_kv(lora: MultiLoraModel, tokens: list[int], route: str | None) -> tuple:
     """The prompt's KV and next-token logits from transformers (as the engine's prefill)."""
-    cache = DynamicCache(config=lora.model.config)
+    cache = full_cache(lora.model.config)  # every position, also of sliding layers
     with torch.no_grad(), lora.route(segments_for([route])):
         hidden = body(lora.model)(
             input_ids=torch.tensor([tokens]), past_key_values=cache, use_cache=True
@@ -126,10 +142,10 @@ def test_decode_matches_transformers(
     assert batch.arena.rows == 0 and batch.logits is None
 
 
-@pytest.mark.parametrize("family", [mistral, gemma2, phi3, qwen3_moe])
+@pytest.mark.parametrize("family", [gemma2, phi3, qwen3_moe])
 def test_other_families_keep_transformers_forward(family: object, tmp_path: Path) -> None:
-    """Sliding windows, other norms/activations, fused projections and experts are not the
-    decoder's arithmetic: those models decode through transformers (PaddedBatch)."""
+    """Other norms and activations, fused projections and experts are not the decoder's
+    arithmetic: those models decode through transformers (PaddedBatch)."""
     base = load_base_model(str(build(family, tmp_path / "model")), data_dir=tmp_path / "data")
     assert not decoder.supports(base.model)
 

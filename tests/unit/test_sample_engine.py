@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lineup.families import build, builder
 from numerics import assert_close_scaled
 
 from tinkerd.engine.ops import CreateAdapter, ForwardBackward, Op, OptimStep, Sample
@@ -388,6 +389,26 @@ def test_cancel_while_prefilling_releases_the_request(worker: ModelWorker) -> No
     assert worker.sample_active() == 0
     assert not [a for a in worker.lora.adapters if "\x00" in a]  # its pin released
     assert _drain(worker) == {}
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text", "gpt_oss"])
+def test_sliding_window_models_decode_continuously(family: str, tmp_path: Path) -> None:
+    """Sliding-window models (window 8 here) join the continuous batch: Mistral on tinkerd's
+    decode step, the others on transformers' forward. Prompts longer than the window,
+    chunked prefill, and a request joining mid-decode give the static path's results."""
+    path = build(builder(family), tmp_path / "model")
+    local = ModelWorker(load_base_model(str(path), data_dir=tmp_path / "data"), prefill_chunk=8)
+    assert local.sampler.continuous
+    assert local.sampler.own_decoder == (family == "mistral")
+    first = SampleInput(None, _prompt(20, 1), SamplingParams(max_tokens=12, seed=1), num_samples=2)
+    later = SampleInput(None, _prompt(11, 2), SamplingParams(max_tokens=9, temperature=0.0))
+    local.sample_admit(["first"], [first])
+    for _ in range(4):
+        local.sample_step(0.0)
+    local.sample_admit(["later"], [later])
+    results = _drain(local)
+    _same(results["first"], _static(local, first))
+    _same(results["later"], _static(local, later))
 
 
 def test_static_fallback_gives_the_same_results(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -125,9 +125,7 @@ class PaddedBatch:
         order = sorted(range(len(everyone)), key=lambda i: (everyone[i] or "", i))
         index = torch.tensor(order, device=self.device)
         identity = order == list(range(len(everyone)))
-        cache = self.cache
-        if cache is None:
-            cache = DynamicCache(config=self.lora.model.config)
+        cache = self.cache if self.cache is not None else full_cache(self.lora.model.config)
         for li, layer in enumerate(cache.layers):
             parts_k, parts_v = [], []
             if old:
@@ -203,6 +201,15 @@ class PaddedBatch:
             ).last_hidden_state
             self.logits = unembed(self.lora, hidden[:, -1]).float()
         self.next_pos = self.next_pos + 1
+
+
+def full_cache(config: object) -> DynamicCache:
+    """The model's cache with plain growing layers, also where it has sliding-window layers
+    (transformers masks the window by position; a sliding layer would drop keys that a row
+    joining the batch later, or a prefix cache entry, still needs)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [DynamicLayer() for _ in cache.layers]
+    return cache
 
 
 def set_layer(layer: DynamicLayer, keys: torch.Tensor, values: torch.Tensor) -> None:

@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from tinkerd.model import decoder
-from tinkerd.model.decode_batch import ArenaBatch, DecodeBatch, PaddedBatch, set_layer
+from tinkerd.model.decode_batch import ArenaBatch, DecodeBatch, PaddedBatch, full_cache, set_layer
 from tinkerd.model.lora import Adapter, MultiLoraModel, segments_for
 from tinkerd.model.prefix_cache import KV, PrefixCache
 from tinkerd.model.sampling import (
@@ -65,15 +65,18 @@ Deltas = dict[Hashable, list[tuple[int, Choice]]]  # key -> [(sample index, choi
 
 
 def continuous_supported(model: torch.nn.Module, takes_images: bool) -> bool:
-    """True if every layer of the model's cache is a plain growing KV layer (no sliding window,
-    no recurrent state) and it takes no images: what the merged left-padded batch handles."""
+    """True if every layer of the model's cache keeps keys and values (full attention or a
+    sliding window: no recurrent state) and it takes no images: what the decode batches
+    handle. They keep every position of a sliding layer (`full_cache`), the window is the
+    attention mask's."""
     if takes_images:
         return False
     try:
         cache = DynamicCache(config=model.config)
     except Exception:  # a config transformers cannot size a cache from
         return False
-    return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+    kinds = (DynamicLayer, DynamicSlidingWindowLayer)
+    return bool(cache.layers) and all(type(layer) in kinds for layer in cache.layers)
 
 
 @dataclass
@@ -311,7 +314,7 @@ class SampleEngine:
         for i, u in enumerate(units):
             ids[i, : rest[i]] = torch.tensor(u.prompt[c : ends[i]])
             attn[i, c : c + rest[i]] = 1
-        cache = DynamicCache(config=self.lora.model.config)
+        cache = full_cache(self.lora.model.config)
         if c:
             for li, layer in enumerate(cache.layers):
                 set_layer(

@@ -254,13 +254,21 @@ def choose_tokens(logits: torch.Tensor, draws: list[Draw]) -> list[Choice]:
     if n == 0:
         return []
     device = logits.device
+    vocab = logits.shape[1]
     temps = [d.params.temperature for d in draws]
     if all(t in (0, 1) for t in temps):
         scaled = logits
     else:
         scale = torch.tensor([t if t > 0 else 1.0 for t in temps], device=device)
         scaled = logits / scale.to(logits.dtype).unsqueeze(1)
-    logp = torch.log_softmax(scaled, -1)  # reported: temperature-scaled, before truncation
+    # No truncation and no top-k lists (the usual RL draw): one softmax serves both the draw
+    # and the logprobs (taken as log of the drawn token's probability), one pass over the
+    # vocabulary's exp instead of two.
+    plain = all(d.topk == 0 and not _truncates(d.params, vocab) for d in draws)
+    if plain:
+        probs = torch.softmax(scaled, -1)
+    else:
+        logp = torch.log_softmax(scaled, -1)  # reported: temperature-scaled, before truncation
     tokens = torch.zeros(n, dtype=torch.long, device=device)
     behaviour = torch.zeros(n, dtype=torch.float64, device=device)  # greedy: certain, 0
     greedy = [i for i, t in enumerate(temps) if t == 0]
@@ -271,25 +279,31 @@ def choose_tokens(logits: torch.Tensor, draws: list[Draw]) -> list[Choice]:
     if drawn:
         everyone = len(drawn) == n
         d = torch.tensor(drawn, device=device)
-        filtered = _truncate(logp if everyone else logp[d], [draws[i].params for i in drawn])
+        if plain:
+            weights = probs if everyone else probs[d]
+        else:
+            filtered = _truncate(logp if everyone else logp[d], [draws[i].params for i in drawn])
+            weights = torch.exp(filtered)
         u = torch.stack(
             [
                 torch.rand((), dtype=torch.float64, generator=draws[i].generator, device=device)
                 for i in drawn
             ]
         )
-        picked, mass = _inverse_cdf(torch.exp(filtered), u)
+        picked, mass = _inverse_cdf(weights, u)
         tokens[d] = picked
+        at = picked.unsqueeze(1)
+        weight_logp = weights.gather(1, at).log() if plain else filtered.gather(1, at)
         # log of the token's probability under the renormalized (truncated) distribution
-        behaviour[d] = filtered.gather(1, picked.unsqueeze(1)).squeeze(1).double() - mass.log()
+        behaviour[d] = weight_logp.squeeze(1).double() - mass.log()
     chosen = tokens.unsqueeze(1)
-    logprob = logp.gather(1, chosen).squeeze(1)
+    logprob = (probs.gather(1, chosen).log() if plain else logp.gather(1, chosen)).squeeze(1)
     base = logprob.clone()  # temperature 1 and greedy rows: logp is the temperature-1 one
     scaled_rows = [i for i, t in enumerate(temps) if t not in (0, 1)]
     if scaled_rows:
         s = torch.tensor(scaled_rows, device=device)
         base[s] = torch.log_softmax(logits[s], -1).gather(1, chosen[s]).squeeze(1)
-    topk = _topk_lists(logp, [d.topk for d in draws])
+    topk = [None] * n if plain else _topk_lists(logp, [d.topk for d in draws])
     return [
         Choice(t, lp, k, b, p1)
         for t, lp, k, b, p1 in zip(
@@ -301,6 +315,11 @@ def choose_tokens(logits: torch.Tensor, draws: list[Draw]) -> list[Choice]:
             strict=True,
         )
     ]
+
+
+def _truncates(params: SamplingParams, vocab: int) -> bool:
+    """The row's top-k or top-p removes part of the vocabulary (see `_truncate`)."""
+    return 0 < params.top_k < vocab or params.top_p < 1.0
 
 
 def _truncate(logp: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
