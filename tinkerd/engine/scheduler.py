@@ -10,7 +10,8 @@ but no batch can exhaust memory (the budget comes from the activation memory per
 at startup). Each op completes as soon as its own rows are done. Other ops (optim_step, saves,
 loads) run one at a time in their run's order.
 
-Sampling (continuous batching, model/sample_engine.py): each loop iteration admits the queued
+Sampling (continuous batching, model/sample_engine.py; this thread's side of it in
+engine/sampling_turn.py): each loop iteration admits the queued
 sample ops of every sampling client into the worker's running decode batch (at most
 `sample_batch` requests and `sample_rows` sequences decode together; a request that does not
 fit waits, and no later one overtakes it), then runs decode steps for at most
@@ -38,7 +39,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from tinkerd.engine.local_worker import LocalWorker
 from tinkerd.engine.ops import (
@@ -53,6 +53,7 @@ from tinkerd.engine.ops import (
     UserError,
 )
 from tinkerd.engine.run_state import RunStates
+from tinkerd.engine.sampling_turn import SamplingTurn
 from tinkerd.engine.telemetry import BatchPart, Telemetry
 from tinkerd.engine.vllm_sampler import VllmSamplerPool
 from tinkerd.engine.worker_handle import ReplicaLost, WorkerHandle
@@ -84,16 +85,6 @@ class _Slice:
     op: Op
     start: int
     end: int
-
-
-@dataclass
-class _Decoding:
-    """A sample op in the worker's decode batch."""
-
-    op: Op
-    admitted: float  # time.time()
-    sampled: int = 0  # tokens drawn so far
-    hook_failed: bool = False  # its on_token raised: no more calls
 
 
 LostCallback = Callable[["ModelScheduler", list[str], list[Op]], None]
@@ -146,10 +137,8 @@ class ModelScheduler:
         self._cv = threading.Condition()
         self._runs: dict[str, _RunQueue] = {}
         self._samples: deque[Op] = deque()
-        # Sample ops admitted to the worker's decode batch (scheduler thread only): request
-        # id -> (op, admission time, tokens drawn so far).
-        self._decoding: dict[str, _Decoding] = {}
-        self._prefix_seen = (0, 0)  # prefix-cache (lookups, hits) reported so far
+        # Sample ops in the worker's decode batch (engine/sampling_turn.py).
+        self._turn = SamplingTurn(self.handle, self.front.info.name, _classify)
         self._cancelled: set[str] = set()  # decoding ops cancelled (under the lock)
         self._snapshots: deque[tuple[str, int]] = deque()  # (id, bytes) in memory, oldest first
         self._partial: dict[str, list[ForwardBackwardOutput]] = {}  # request_id -> slices done
@@ -212,7 +201,7 @@ class ModelScheduler:
                 if op.request_id == request_id:
                     del self._samples[i]
                     return op
-            decoding = self._decoding.get(request_id)
+            decoding = self._turn.decoding.get(request_id)
             if decoding is not None and not decoding.op.finished:
                 self._cancelled.add(request_id)
                 self._cv.notify_all()
@@ -333,7 +322,7 @@ class ModelScheduler:
     def _ready(self) -> bool:
         return (
             bool(self._samples)
-            or bool(self._decoding)
+            or bool(self._turn.decoding)
             or bool(self._release)
             or any(q.next_seq in q.pending for q in self._runs.values())
         )
@@ -352,13 +341,15 @@ class ModelScheduler:
             try:
                 self._run_training(barriers, slices, releases)
             except ReplicaLost as exc:
-                self.lose(exc, [*barriers, *(s.op for s in slices), *samples, *self._sampling()])
+                self.lose(
+                    exc, [*barriers, *(s.op for s in slices), *samples, *self._turn.take_all()]
+                )
                 continue
-            if (samples or self._decoding) and not self._stopping:
+            if (samples or self._turn.decoding) and not self._stopping:
                 try:
                     self._run_samples(samples)
                 except ReplicaLost as exc:
-                    self.lose(exc, [*samples, *self._sampling()])
+                    self.lose(exc, [*samples, *self._turn.take_all()])
 
     def _run_training(self, barriers: list[Op], slices: list[_Slice], releases: list[str]) -> None:
         """One loop's training work; ReplicaLost from any worker call ends it."""
@@ -639,8 +630,8 @@ class ModelScheduler:
         (at most `sample_batch` requests and `sample_rows` rows decode together; a request
         larger than that runs alone)."""
         taken: list[Op] = []
-        requests = len(self._decoding)
-        rows = sum(d.op.action.input.num_samples for d in self._decoding.values())  # type: ignore[union-attr]
+        requests = len(self._turn.decoding)
+        rows = self._turn.rows()
         while self._samples and requests < self.sample_batch:
             n = self._samples[0].action.input.num_samples  # type: ignore[union-attr]
             if requests and rows + n > self.sample_rows:
@@ -650,15 +641,10 @@ class ModelScheduler:
             rows += n
         return taken
 
-    def _sampling(self) -> list[Op]:
-        """Take every op out of the decode batch (the worker is lost)."""
-        ops = [d.op for d in self._decoding.values()]
-        self._decoding.clear()
-        return ops
-
     def _run_samples(self, ops: list[Op]) -> None:
-        """One sampling turn: admit `ops` to the decode batch, then decode for at most
-        `sample_slice_seconds`. ReplicaLost propagates (the caller moves the ops)."""
+        """One sampling turn (engine/sampling_turn.py) for `ops` and the decoding ones, after
+        loading the sampler weights they name. ReplicaLost propagates (the caller moves the
+        ops)."""
         start = time.time()
         for op in ops:
             self.telemetry.op_started(self.front.info.name, op.request_id, start)
@@ -671,125 +657,9 @@ class ModelScheduler:
                 raise
             except Exception as exc:
                 op.fail(_classify(exc))
-        stepper: Any = self.handle
-        if not hasattr(stepper, "sample_step"):  # a gang: whole static batches
-            if ready:
-                self._run_static(ready, start)
-            return
-        self._drop_cancelled()
-        if ready:
-            self._admit(ready, start)
-        if not self._decoding:
-            return
-        try:
-            finished, deltas = stepper.sample_step(self.sample_slice_seconds)
-        except ReplicaLost:
-            raise
-        except Exception as exc:
-            log.warning("sampling step failed (%s); failing the batch's requests", exc)
-            stepper.sample_abort()
-            for decoding in self._sampling():
-                decoding.op.fail(_classify(exc))
-            return
-        for key, tokens in deltas.items():
-            decoding = self._decoding.get(key)  # type: ignore[call-overload]
-            if decoding is not None:
-                self._stream(decoding, tokens)
-        parts = []
-        first = time.time()
-        done: list[tuple[Op, object]] = []
-        for key, out in finished.items():
-            decoding = self._decoding.pop(key)  # type: ignore[call-overload]
-            item = decoding.op.action.input  # type: ignore[union-attr]
-            sampled = sum(len(seq.tokens) for seq in out.sequences)
-            parts.append(
-                BatchPart(decoding.op.request_id, item.num_samples, len(item.prompt), sampled)
-            )
-            first = min(first, decoding.admitted)
-            done.append((decoding.op, out))
-        if parts:
-            self.telemetry.sample_batch(self.front.info.name, first, time.time(), parts)
-        self._report_prefix_cache()
-        for op, out in done:
-            op.done(out)
-
-    def _report_prefix_cache(self) -> None:
-        stats = getattr(self.handle, "prefix_cache_stats", None)
-        if stats is None:
-            return
-        lookups, hits = stats()
-        last_lookups, last_hits = self._prefix_seen
-        if lookups > last_lookups:
-            self.telemetry.prefix_cache(
-                self.front.info.name, lookups - last_lookups, hits - last_hits
-            )
-            self._prefix_seen = (lookups, hits)
-
-    def _drop_cancelled(self) -> None:
-        """Take cancelled ops' rows out of the decode batch (their callers failed them)."""
         with self._cv:
             cancelled, self._cancelled = self._cancelled, set()
-        keys = [key for key in cancelled if key in self._decoding]
-        if keys:
-            self.handle.sample_cancel(keys)  # type: ignore[attr-defined]
-            for key in keys:
-                del self._decoding[key]
-
-    def _admit(self, ops: list[Op], start: float) -> None:
-        """Prefill ops into the decode batch; if a batched admission fails, one by one (only
-        the op that fails alone fails)."""
-        inputs = [dataclasses.replace(op.action.input, on_token=None) for op in ops]  # type: ignore[union-attr]
-        try:
-            self.handle.sample_admit([op.request_id for op in ops], inputs)  # type: ignore[attr-defined]
-        except ReplicaLost:
-            raise
-        except Exception as exc:
-            if len(ops) > 1:
-                log.warning("batched admission failed (%s); admitting one by one", exc)
-                for op in ops:
-                    self._admit([op], start)
-                return
-            ops[0].fail(_classify(exc))
-            return
-        for op in ops:
-            self._decoding[op.request_id] = _Decoding(op, start)
-
-    def _stream(self, decoding: _Decoding, tokens: list) -> None:  # type: ignore[type-arg]
-        """Call the op's on_token hook (in-process callers only) with its new tokens."""
-        decoding.sampled += len(tokens)
-        hook = decoding.op.action.input.on_token  # type: ignore[union-attr]
-        if hook is None or decoding.hook_failed:
-            return
-        for index, choice in tokens:
-            try:
-                hook(index, choice)
-            except Exception:  # a caller's hook never breaks the batch for the others
-                log.warning("on_token hook failed; dropped for this request", exc_info=True)
-                decoding.hook_failed = True
-                return
-
-    def _run_static(self, ops: list[Op], start: float) -> None:
-        """A handle without step-wise sampling: one static batch, to the end."""
-        try:
-            outputs = self.handle.sample([op.action.input for op in ops])  # type: ignore[union-attr]
-        except ReplicaLost:
-            raise
-        except Exception as exc:
-            if len(ops) > 1:
-                log.warning("batched sampling failed (%s); retrying one by one", exc)
-                for op in ops:
-                    self._run_static([op], start)
-                return
-            ops[0].fail(_classify(exc))
-            return
-        parts = []
-        for op, out in zip(ops, outputs, strict=True):
-            item = op.action.input  # type: ignore[union-attr]
-            sampled = sum(len(seq.tokens) for seq in getattr(out, "sequences", []))
-            parts.append(BatchPart(op.request_id, item.num_samples, len(item.prompt), sampled))
-        self.telemetry.sample_batch(self.front.info.name, start, time.time(), parts)
-        for op, out in zip(ops, outputs, strict=True):
-            op.done(out)
+        self._turn.run(ready, cancelled, start, self.sample_slice_seconds, self.telemetry)
 
 
 def _classify(exc: Exception) -> Exception:
