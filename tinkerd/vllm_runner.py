@@ -9,9 +9,13 @@ tinkerd). The control plane (`tinkerd/engine/vllm_sampler.py`) starts it as
 and speaks JSON lines: one request per line on stdin, one answer per line on the protocol
 stream (the process's original stdout; everything libraries print goes to stderr instead).
 
-First line out: {"ready": true, "vllm": VERSION} once the engine is up (or {"ready": false,
-"error": ...}). Then, per request line {"id": N, "requests": [...]}, one line {"id": N, "ok":
-true, "outputs": [...]} or {"id": N, "ok": false, "error": TEXT}. A request:
+First line out: {"ready": true, "vllm": VERSION, "device": "cpu" | "cuda" | ...} once the
+engine is up (or {"ready": false, "error": ...}). Then, per request line {"id": N,
+"requests": [...]}, one line {"id": N, "ok": true, "outputs": [...]} or {"id": N, "ok":
+false, "error": TEXT}, as soon as its last request is done. Requests are batched
+continuously: a line read while others decode joins the running engine at its next step, so
+answers can come in another order than the lines.
+A request:
 
     {"prompt": [ids], "max_tokens": int, "temperature": float, "seed": int | null,
      "stop_token_ids": [ids], "stop": [strings], "prompt_logprobs": bool,
@@ -26,7 +30,9 @@ caller lists every stopping id. End of input (or {"op": "shutdown"}) ends the pr
 
 import json
 import os
+import queue
 import sys
+import threading
 import traceback
 from typing import Any, TextIO
 
@@ -123,33 +129,127 @@ def _output(req: dict[str, Any], result: Any) -> dict[str, Any]:
     }
 
 
-def _generate(llm: Any, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """All requests without prompt logprobs in one batch; each with them alone.
+class _Answer:
+    """One request line: its outputs as they finish."""
+
+    def __init__(self, message_id: int, size: int) -> None:
+        self.id = message_id
+        self.outputs: list[dict[str, Any] | None] = [None] * size
+        self.left = size
+
+
+class _Batcher:
+    """Continuous batching over vLLM's engine: requests join at the next step.
 
     vllm 0.32 with enable_lora computes prompt logprobs through the LoRA logits layer with the
     batch's per-request mapping (one row per request), which fails against the prompt's
     positions (einsum size mismatch, the engine dies) unless the batch has a single request.
+    So a request with prompt logprobs waits until the engine is empty and runs alone, and
+    requests arriving meanwhile wait for it (in arrival order).
     """
-    outputs: list[dict[str, Any] | None] = [None] * len(requests)
-    plain = [i for i, r in enumerate(requests) if not r.get("prompt_logprobs")]
-    groups = [plain] if plain else []
-    groups += [[i] for i, r in enumerate(requests) if r.get("prompt_logprobs")]
-    for group in groups:
-        for i, out in zip(group, _run(llm, [requests[i] for i in group]), strict=True):
-            outputs[i] = out
-    return [out for out in outputs if out is not None]
+
+    def __init__(self, llm: Any, out: TextIO) -> None:
+        self.llm = llm
+        self.engine = llm.llm_engine
+        self.out = out
+        self.inflight: dict[str, tuple[_Answer, int, dict[str, Any]]] = {}  # vLLM id -> slot
+        self.held: list[tuple[_Answer, int, dict[str, Any]]] = []  # waiting for an empty engine
+        self.alone = False  # a prompt-logprobs request is in the engine
+
+    def busy(self) -> bool:
+        return bool(self.inflight or self.held)
+
+    def add(self, message: dict[str, Any]) -> None:
+        requests = message["requests"]
+        answer = _Answer(message["id"], len(requests))
+        if not requests:
+            _send(self.out, {"id": answer.id, "ok": True, "outputs": []})
+            return
+        self.held.extend((answer, i, r) for i, r in enumerate(requests))
+        self._release()
+
+    def _release(self) -> None:
+        """Move held requests into the engine: plain ones while no alone one runs; an alone
+        one only into an empty engine."""
+        while self.held and not self.alone:
+            req = self.held[0][2]
+            if req.get("prompt_logprobs"):
+                if self.inflight:
+                    return
+                self.alone = True
+                self._enqueue([self.held.pop(0)])
+                return
+            plain = 0
+            while plain < len(self.held) and not self.held[plain][2].get("prompt_logprobs"):
+                plain += 1
+            batch, self.held = self.held[:plain], self.held[plain:]
+            self._enqueue(batch)
+
+    def _enqueue(self, batch: list[tuple[_Answer, int, dict[str, Any]]]) -> None:
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        for slot in batch:
+            answer, i, req = slot
+            key = f"{answer.id}:{i}"  # outputs carry this id back
+            params = _params(req)
+            params.output_kind = RequestOutputKind.FINAL_ONLY
+            try:
+                self.engine.add_request(
+                    key,
+                    TokensPrompt(prompt_token_ids=list(req["prompt"])),
+                    params,
+                    lora_request=_lora(req.get("lora")),
+                )
+            except Exception as exc:  # this line's request is bad: fail that line only
+                traceback.print_exc()
+                self._fail(answer, f"{type(exc).__name__}: {exc}")
+                continue
+            self.inflight[key] = slot
+
+    def _fail(self, answer: _Answer, error: str) -> None:
+        if answer.left < 0:
+            return  # already answered
+        answer.left = -1
+        drop = [k for k, slot in self.inflight.items() if slot[0] is answer]
+        if drop:
+            self.engine.abort_request(drop)
+        for key in drop:
+            del self.inflight[key]
+        self.held = [slot for slot in self.held if slot[0] is not answer]
+        self.alone = any(s[2].get("prompt_logprobs") for s in self.inflight.values())
+        _send(self.out, {"id": answer.id, "ok": False, "error": error, "fatal": False})
+
+    def step(self) -> None:
+        for result in self.engine.step():
+            if not result.finished or result.request_id not in self.inflight:
+                continue
+            answer, i, req = self.inflight.pop(result.request_id)
+            if req.get("prompt_logprobs"):
+                self.alone = False
+            if answer.left < 0:
+                continue
+            answer.outputs[i] = _output(req, result)
+            answer.left -= 1
+            if answer.left == 0:
+                _send(self.out, {"id": answer.id, "ok": True, "outputs": answer.outputs})
+        self._release()
+
+    def fail_all(self, error: str, fatal: bool) -> None:
+        answers = {id(s[0]): s[0] for s in [*self.inflight.values(), *self.held]}
+        for answer in answers.values():
+            if answer.left >= 0:
+                answer.left = -1
+                _send(self.out, {"id": answer.id, "ok": False, "error": error, "fatal": fatal})
+        self.inflight.clear()
+        self.held.clear()
+        self.alone = False
 
 
-def _run(llm: Any, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    from vllm.inputs import TokensPrompt
-
-    results = llm.generate(
-        [TokensPrompt(prompt_token_ids=list(r["prompt"])) for r in requests],
-        sampling_params=[_params(r) for r in requests],
-        lora_request=[_lora(r.get("lora")) for r in requests],
-        use_tqdm=False,
-    )
-    return [_output(r, res) for r, res in zip(requests, results, strict=True)]
+def _read_lines(lines: "queue.Queue[str | None]") -> None:
+    for line in sys.stdin:
+        lines.put(line)
+    lines.put(None)
 
 
 def main() -> int:
@@ -163,26 +263,44 @@ def main() -> int:
         traceback.print_exc()
         _send(out, {"ready": False, "error": f"{type(exc).__name__}: {exc}"})
         return 1
-    _send(out, {"ready": True, "vllm": vllm.__version__})
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        message = json.loads(line)
-        if message.get("op") == "shutdown":
-            break
+    from vllm.platforms import current_platform
+
+    _send(out, {"ready": True, "vllm": vllm.__version__, "device": current_platform.device_type})
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=_read_lines, args=(lines,), daemon=True).start()
+    batcher = _Batcher(llm, out)
+    while True:
+        # Wait for input only while nothing decodes; otherwise take what has arrived.
         try:
-            outputs = _generate(llm, message["requests"])
-            _send(out, {"id": message["id"], "ok": True, "outputs": outputs})
+            line = lines.get(block=not batcher.busy())
+        except queue.Empty:
+            line = ""
+        while line:
+            if line.strip():
+                message = json.loads(line)
+                if message.get("op") == "shutdown":
+                    return 0
+                batcher.add(message)
+            try:
+                line = lines.get_nowait()
+            except queue.Empty:
+                line = ""
+        if line is None:
+            return 0
+        if not batcher.inflight:
+            continue
+        try:
+            if not batcher.engine.has_unfinished_requests():
+                raise RuntimeError("vLLM has none of the requests it was given")
+            batcher.step()
         except Exception as exc:
             traceback.print_exc()
             # A dead engine answers every later request with the same error: exit instead,
             # so the control side sees the runner gone (and routes to tinkerd's sampler).
             fatal = type(exc).__name__ == "EngineDeadError"
-            error = f"{type(exc).__name__}: {exc}"
-            _send(out, {"id": message["id"], "ok": False, "error": error, "fatal": fatal})
+            batcher.fail_all(f"{type(exc).__name__}: {exc}", fatal)
             if fatal:
                 return 2
-    return 0
 
 
 if __name__ == "__main__":

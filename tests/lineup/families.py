@@ -357,3 +357,20 @@ def build(family: Builder, path: Path, *, seed: int = 0) -> Path:
 
 def builder(name: str) -> Builder:
     return FAMILIES[name].build
+
+
+# How each family samples (model/sample_engine.py), checked by the lineup suite and shown in
+# MODELS.md: "decoder" = continuous batching on tinkerd's own decode step (model/decoder.py),
+# "continuous" = continuous batching on transformers' forward, "static" = static batches
+# (recurrent cache state or image input).
+SAMPLING_TITLES = {
+    "decoder": "continuous, tinkerd decode step",
+    "continuous": "continuous",
+    "static": "static batches",
+}
+SAMPLING: dict[str, str] = {
+    name: "decoder" if name in ("llama3", "qwen3", "mistral") else "continuous" for name in FAMILIES
+} | {
+    name: "static"
+    for name in ("qwen3_5", "qwen3_5_moe", "gemma3", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+}

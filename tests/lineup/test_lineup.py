@@ -27,7 +27,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from lineup.families import FAMILIES, VOCAB, build
+from lineup.families import FAMILIES, SAMPLING, SAMPLING_TITLES, VOCAB, build
 from transformers import AutoConfig, GenerationConfig
 from unit.numerics import assert_close_scaled
 
@@ -138,6 +138,14 @@ def plain_model(path: Path) -> torch.nn.Module:
 def test_image_input_as_listed(family: Setup) -> None:
     """The loaded model takes images exactly when its family is listed with image input."""
     assert (family.worker.vision is not None) == FAMILIES[family.name].images
+
+
+@each_family("sampling")
+def test_sampling_path_as_listed(family: Setup) -> None:
+    """The family samples the way MODELS.md says (its greedy check runs that path)."""
+    engine = family.worker.sampler
+    got = "static" if not engine.continuous else "decoder" if engine.own_decoder else "continuous"
+    assert got == SAMPLING[family.name]
 
 
 @each_family("load")
@@ -335,16 +343,24 @@ def render_models_md() -> str:
         "`tests/unit/test_vision_layer.py`). Qwen3.5 checkpoints load as the multimodal class",
         "they declare, so they take images through the Qwen-VL path.",
         "",
+        "**sampling**: how the family samples (`tinkerd/model/sample_engine.py`): continuous",
+        "batching (requests join the running decode batch at the next step) on tinkerd's own",
+        "decode step (`tinkerd/model/decoder.py`) or on transformers' forward; or static batches",
+        "(a request waits for the running batch), for recurrent cache state or image input.",
+        "",
         "| family | class tinkerd loads | LoRA targets | "
         + " | ".join(CHECKS.values())
-        + " | image input |",
-        "| --- | --- | --- | " + " | ".join("---" for _ in CHECKS) + " | --- |",
+        + " | image input | sampling |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in CHECKS) + " | --- | --- |",
     ]
     for name, spec in FAMILIES.items():
         targets = ", ".join(f"`{t}`" for t in spec.targets)
         checks = " | ".join(cell(name, c) for c in CHECKS)
         images = "✓" if spec.images else "–"
-        lines.append(f"| {spec.title} | `{spec.loads_as}` | {targets} | {checks} | {images} |")
+        sampling = SAMPLING_TITLES[SAMPLING[name]]
+        lines.append(
+            f"| {spec.title} | `{spec.loads_as}` | {targets} | {checks} | {images} | {sampling} |"
+        )
     return "\n".join(lines) + "\n\n"
 
 

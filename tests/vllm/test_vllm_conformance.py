@@ -26,7 +26,7 @@ from tinkerd.constants import EMBEDDED_MODEL
 from tinkerd.engine.adapter_files import write_adapter
 from tinkerd.engine.ops import Op, Sample
 from tinkerd.engine.telemetry import BatchPart, Telemetry
-from tinkerd.engine.vllm_sampler import VllmConfig, VllmSamplerPool, default_python
+from tinkerd.engine.vllm_sampler import IDENTITY, VllmConfig, VllmSamplerPool, default_python
 from tinkerd.model.loading import BaseModel, load_base_model, resolve_model_path
 from tinkerd.model.lora import LoraConfig, segments_for
 from tinkerd.model.optimizer import AdamParams
@@ -121,10 +121,16 @@ class Recorder(Telemetry):
 
 @pytest.fixture(scope="module")
 def pool(
-    base: BaseModel, data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    base: BaseModel, worker: ModelWorker, data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[VllmSamplerPool]:
+    """The pool as the server starts it: with the zero adapter base-model requests use on a
+    CPU build (see VllmSampler)."""
     assert VLLM_PYTHON is not None
     work = tmp_path_factory.mktemp("vllm")
+    worker.add_adapter(IDENTITY, LoraConfig(rank=1, seed=0))
+    state = worker.export_adapter(IDENTITY, with_optimizer=False)
+    write_adapter(work / IDENTITY, state, EMBEDDED_MODEL)
+    worker.remove_adapter(IDENTITY)
     config = VllmConfig(
         python=VLLM_PYTHON,
         model_dir=Path(resolve_model_path(EMBEDDED_MODEL, data_dir)),
@@ -133,7 +139,9 @@ def pool(
         max_model_len=1024,
         log_path=work / "vllm.log",
     )
-    started = VllmSamplerPool.start(config, base.info, work / "snapshots", Recorder())
+    started = VllmSamplerPool.start(
+        config, base.info, work / "snapshots", Recorder(), identity_dir=work / IDENTITY
+    )
     yield started
     started.close()
     assert started.sampler.process.proc.poll() is not None
@@ -148,7 +156,7 @@ def assert_logprobs_close(got: list[float | None], want: list[float | None], wha
     assert len(got) == len(want), what
     assert [g is None for g in got] == [w is None for w in want], what
     diffs = [abs(g - w) for g, w in zip(got, want, strict=True) if g is not None and w is not None]
-    assert max(diffs, default=0.0) <= LOGPROB_TOL, f"{what}: max diff {max(diffs)}"
+    assert max(diffs, default=0.0) <= LOGPROB_TOL, f"{what}: max diff {max(diffs)}: {got} {want}"
 
 
 def assert_same(vllm: list[SampleOutput], ours: list[SampleOutput]) -> None:
@@ -322,6 +330,45 @@ def test_pool_routes_and_serves_snapshot_versions(
     assert outputs[0] != outputs[1]
     pool.forget(snap)
     assert run_op(pool, SampleInput(snap, prompt, greedy)) is None
+
+
+def test_pool_batches_continuously(
+    base: BaseModel, worker: ModelWorker, pool: VllmSamplerPool
+) -> None:
+    """A request sent while a long one decodes joins the runner's running batch and comes
+    back first; a prompt-logprobs request (run alone, see vllm_runner.py) waits for an empty
+    engine and still agrees with tinkerd's sampler."""
+    prompt = base.tokenizer.encode("Write a long story about a dragon.")
+    order: list[str] = []
+    results: dict[str, object] = {}
+    done = threading.Event()
+
+    def submit(name: str, item: SampleInput) -> None:
+        def finish(value: object) -> None:
+            results[name] = value
+            order.append(name)
+            if len(order) == 3:
+                done.set()
+
+        assert pool.try_submit(Op(f"req-{next(REQUEST_IDS)}", Sample(item), finish, finish))
+
+    long = SampleInput(None, prompt, SamplingParams(max_tokens=600, temperature=1.0, stop=()))
+    short = SampleInput(None, prompt, SamplingParams(max_tokens=4, temperature=0.0, stop=()))
+    scored_prompt = SampleInput(
+        None, prompt, SamplingParams(max_tokens=3, temperature=0.0), prompt_logprobs=True
+    )
+    submit("long", long)
+    recorder = pool.telemetry
+    assert isinstance(recorder, Recorder)
+    started = len(recorder.started)
+    while len(recorder.started) == started:  # the long one is in the runner
+        threading.Event().wait(0.05)
+    submit("short", short)
+    submit("scored", scored_prompt)
+    assert done.wait(600)
+    assert order.index("short") < order.index("long"), order
+    assert len(results["long"].sequences[0].tokens) == 600  # type: ignore[attr-defined]
+    assert_same([results["short"], results["scored"]], worker.sample([short, scored_prompt]))  # type: ignore[list-item]
 
 
 def test_dead_runner_hands_ops_back(base: BaseModel, pool: VllmSamplerPool) -> None:

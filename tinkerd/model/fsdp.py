@@ -148,7 +148,9 @@ class ShardedWorker(ModelWorker):
     def __init__(
         self, base: BaseModel, place: GangPlace, *, autocast_dtype: torch.dtype | None = None
     ) -> None:
-        super().__init__(base, autocast_dtype=autocast_dtype)  # wraps LoRA layers first
+        # LoRA layers are wrapped first. Sampling runs transformers' forward on the unsharded
+        # base: tinkerd's decode step would keep a packed copy of every rank's whole base.
+        super().__init__(base, autocast_dtype=autocast_dtype, own_decoder=False)
         self.place = place
         shard_model(base.model, base.device)
         self._train_pass = False
