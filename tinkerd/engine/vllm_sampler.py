@@ -317,8 +317,7 @@ class VllmSampler:
         self.process = VllmProcess(config)
         self._loras = _LoraVersions()
         self.identity_dir = identity_dir
-        if self.process.device == "cpu" and identity_dir is None:
-            log.warning("vLLM on CPU without an identity adapter: base-model samples may be wrong")
+        self._warned = False
 
     def sample(
         self, inputs: list[SampleInput], adapter_dirs: Mapping[str, Path]
@@ -360,6 +359,12 @@ class VllmSampler:
             if item.adapter_id not in adapter_dirs:
                 raise UserError(f"sampler weights {item.adapter_id!r} have no adapter files")
             lora = self._loras.request(item.adapter_id, adapter_dirs[item.adapter_id])
+            if self.process.device == "cpu" and self.identity_dir is None and not self._warned:
+                self._warned = True
+                log.warning(
+                    "vLLM on CPU without an identity adapter: base-model samples "
+                    "taken after adapters fill its LoRA slots may be wrong"
+                )
         elif self.process.device == "cpu" and self.identity_dir is not None:
             lora = self._loras.request(IDENTITY, self.identity_dir)
         return self._requests(item, lora)
