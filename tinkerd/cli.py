@@ -141,6 +141,13 @@ def serve(
     registered = _check_exposure(settings)
     _check_models(settings)
     _check_replicas(settings)
+    if settings.threads is None:  # torch's default, fixed before this thread goes single
+        import torch
+
+        settings = settings.model_copy(update={"threads": torch.get_num_threads()})
+    from tinkerd.engine.threads import single_threaded
+
+    single_threaded()  # before the bf16 probe's matmul: no OpenMP pool in this thread
     _check_bf16(settings)
 
     # Imported after the check (they pull in torch), so a refusal is immediate.

@@ -45,6 +45,7 @@ from tinkerd.engine.replicas import ReplicaRouter, Scheduler
 from tinkerd.engine.run_state import RunStates
 from tinkerd.engine.scheduler import ModelScheduler
 from tinkerd.engine.telemetry import Fanout
+from tinkerd.engine.threads import single_threaded
 from tinkerd.engine.worker_handle import WorkerHandle
 from tinkerd.model.loading import BaseModel, load_base_model
 from tinkerd.model.worker import ModelWorker
@@ -143,9 +144,10 @@ def load_served_model(settings: Settings, spec: ModelSpec) -> BaseModel:
     )
 
 
-def build_schedulers(settings: Settings) -> dict[str, Scheduler]:
+def build_schedulers(settings: Settings, threads: int | None = None) -> dict[str, Scheduler]:
     """Load each served model once and give it a worker and a scheduler thread (or, with
-    `--replicas`, several workers on Ray behind a router: `build_router`)."""
+    `--replicas`, several workers on Ray behind a router: `build_router`). `threads`: intra-op
+    threads each in-process scheduler thread takes (engine/threads.py)."""
     autocast = torch.bfloat16 if settings.dtype == "bfloat16" else None
     run_states = RunStates(settings.data_dir / "runs")
     cleanup_leftovers(run_states.root)
@@ -171,6 +173,7 @@ def build_schedulers(settings: Settings) -> dict[str, Scheduler]:
             run_states=run_states,
             state_every=settings.state_every,
             snapshot_memory_bytes=int(settings.sampler_memory_gb * 2**30),
+            threads=threads,
         )
     return schedulers
 
@@ -325,8 +328,10 @@ async def every(seconds: float, what: str, job: Callable[[], int]) -> None:
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
+        # Torch runs single-threaded here and in request handlers; each in-process
+        # scheduler thread takes `threads` (engine/threads.py: one OpenMP pool).
+        threads = settings.threads or torch.get_num_threads()
+        single_threaded()
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         checkpoint_root = settings.data_dir / "checkpoints"
         checkpoint_root.mkdir(exist_ok=True)
@@ -334,7 +339,7 @@ def create_app(settings: Settings) -> FastAPI:
         store = Store(settings.resolved_database_url())
         ray_cluster = start_ray(settings)
         try:
-            schedulers = build_schedulers(settings)
+            schedulers = build_schedulers(settings, threads)
         except BaseException:
             if ray_cluster is not None:
                 ray_cluster.shutdown()

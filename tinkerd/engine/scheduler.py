@@ -55,6 +55,7 @@ from tinkerd.engine.ops import (
 from tinkerd.engine.run_state import RunStates
 from tinkerd.engine.sampling_turn import SamplingTurn
 from tinkerd.engine.telemetry import BatchPart, Telemetry
+from tinkerd.engine.threads import single_threaded, take_threads
 from tinkerd.engine.vllm_sampler import VllmSamplerPool
 from tinkerd.engine.worker_handle import ReplicaLost, WorkerHandle
 from tinkerd.model.metrics import reduce_metrics
@@ -114,6 +115,7 @@ class ModelScheduler:
         telemetry: Telemetry | None = None,
         on_lost: LostCallback | None = None,
         on_released: Callable[[str], None] | None = None,
+        threads: int | None = None,
     ) -> None:
         self.worker = worker
         local = isinstance(worker, ModelWorker)
@@ -143,6 +145,9 @@ class ModelScheduler:
         self._snapshots: deque[tuple[str, int]] = deque()  # (id, bytes) in memory, oldest first
         self._partial: dict[str, list[ForwardBackwardOutput]] = {}  # request_id -> slices done
         self._stopping = False
+        # Intra-op threads this thread takes for itself (engine/threads.py); None: torch's.
+        self.threads = threads
+        self._threads_taken = threading.Event()
         self._thread = threading.Thread(
             target=self._loop, name=f"scheduler:{self.handle.info.name}", daemon=True
         )
@@ -150,7 +155,12 @@ class ModelScheduler:
     # -- called from other threads -------------------------------------------------------
 
     def start(self) -> None:
+        """Start the thread. With `threads`, once it holds them, the calling thread and
+        those that start later run torch single-threaded (engine/threads.py)."""
         self._thread.start()
+        if self.threads:
+            self._threads_taken.wait()
+            single_threaded()
 
     def stop(self, timeout: float = 30.0) -> None:
         with self._cv:
@@ -328,6 +338,9 @@ class ModelScheduler:
         )
 
     def _loop(self) -> None:
+        if self.threads:
+            take_threads(self.threads)
+            self._threads_taken.set()
         while True:
             with self._cv:
                 while not self._stopping and not self._ready():
