@@ -11,9 +11,9 @@ weights, made when the decoder is built; the base is frozen, so the copy never g
 
 The arithmetic is transformers' (RMSNorm in float32 then scaled in the input dtype, RoPE from
 the model's own rotary module, softmax in float32), so a row's logits equal the transformers
-pass up to float rounding. Served families: `llama`, `qwen2`, `qwen3`, `mistral` without a
-sliding window, with RoPE that does not depend on the sequence length; everything else keeps
-the transformers path (`sample_engine.PaddedBatch`).
+pass up to float rounding. Served families: `llama`, `qwen2`, `qwen3`, `mistral` (sliding
+windows per layer included), with RoPE that does not depend on the sequence length;
+everything else keeps the transformers path (`decode_batch.PaddedBatch`).
 
 LoRA: the base matmul runs on every row; each adapter's low-rank delta runs on its own rows
 (`Groups`), with the pinned (frozen) adapter's factors cast to the compute dtype once.
@@ -190,9 +190,6 @@ class KVArena:
         """(row slots, positions per slot) allocated."""
         return (self.keys[0].shape[0], self.keys[0].shape[2]) if self.keys else (0, 0)
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
     def reserve(self, rows: int, positions: int) -> None:
         """Make room for `rows` slots of `positions` positions each."""
         have_rows, have_pos = self.capacity
@@ -240,7 +237,6 @@ class Decoder:
         model = lora.model
         config = model.config
         body = model.model
-        self.lora = lora
         self.config = config
         self.embed = body.embed_tokens
         self.norm = body.norm

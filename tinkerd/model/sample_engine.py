@@ -15,10 +15,10 @@ or an eviction between two decode steps never changes the weights a sequence is 
 
 The decode batch itself (model/decode_batch.py) is tinkerd's own decode step over a KV arena
 for Llama-family models (model/decoder.py), and transformers' forward over a left-padded
-cache for the other models whose every cache layer is a plain full-attention `DynamicLayer`
-and that take no images. Others (sliding windows, linear attention, Qwen-VL's M-RoPE) are
-served by the static batch of `sampling.sample` (`continuous` False): `step` then runs every
-admitted request to its end.
+cache for the other models whose cache layers all keep keys and values (full attention or a
+sliding window; `continuous_supported`) and that take no images. Others (linear attention's
+recurrent state, image input) are served by the static batch of `sampling.sample`
+(`continuous` False): `step` then runs every admitted request to its end.
 
 Every draw and output is the static path's (`sampling.choose_tokens`, `_prompt_extras`);
 each row's generator is seeded by its request's seed and sample index only, so a request gives
@@ -51,10 +51,11 @@ from tinkerd.model.sampling import (
     first_needed_position,
     row_seed,
     sample,
+    sampled_sequence,
     stop_conditions,
 )
 from tinkerd.model.training import body, unembed
-from tinkerd.model.types import SampledSequence, SampleInput, SampleOutput, SamplingParams
+from tinkerd.model.types import SampleInput, SampleOutput, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +101,6 @@ class _Row:
     base_logprobs: list[float] = field(default_factory=list)
     stop_reason: str | None = None
 
-    def sequence(self) -> SampledSequence:
-        return SampledSequence(
-            self.tokens,
-            self.logprobs,
-            self.stop_reason or "length",
-            self.topk_logprobs if self.topk > 0 else None,
-            self.behaviour_logprobs if self.record_stability else None,
-            self.base_logprobs if self.record_stability else None,
-        )
-
 
 @dataclass
 class _Request:
@@ -128,15 +119,11 @@ class _Unit:
     prompt: list[int]
     cached: int  # leading positions served from the prefix cache
     kv: KV  # positions 0..done-1 (the cached prefix at first)
-    done: int = -1  # positions with KV so far
+    done: int  # positions with KV so far (`cached` at first)
     logits: torch.Tensor | None = None  # after the last prompt position
     hiddens: list[torch.Tensor] = field(default_factory=list)  # per chunk
     hidden: torch.Tensor | None = None  # (len(prompt) - cached, d), once done
     waiting: list[tuple[Hashable, SampleInput, str | None]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.done < 0:
-            self.done = self.cached
 
 
 class SampleEngine:
@@ -271,7 +258,7 @@ class SampleEngine:
                 cached, prefix_kv = self.prefix_cache.lookup(weights, item.prompt, need)
             seen[key] = len(units)
             unit_of.append(len(units))
-            units.append(_Unit(route, weights, list(item.prompt), cached, prefix_kv or []))
+            units.append(_Unit(route, weights, list(item.prompt), cached, prefix_kv or [], cached))
         return units, unit_of
 
     # -- prefill, in chunks ----------------------------------------------------------------
@@ -484,7 +471,7 @@ class SampleEngine:
         e = request.extras
         assert e is not None
         return SampleOutput(
-            [row.sequence() for row in request.rows],
+            [sampled_sequence(row) for row in request.rows],
             e.prompt_logprobs,
             e.topk_prompt_logprobs,
             target_prompt_logprobs=e.target_prompt_logprobs,

@@ -29,6 +29,7 @@ import logging
 import math
 import secrets
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,32 @@ class _Row:
     record_stability: bool = False
     behaviour_logprobs: list[float] = field(default_factory=list)
     base_logprobs: list[float] = field(default_factory=list)
+
+
+class DrawnRow(Protocol):
+    """What a row drawn by either sampler (this static batch, or sample_engine's continuous
+    one) has recorded."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    topk: int
+    topk_logprobs: list[list[tuple[int, float]]]
+    stop_reason: str | None
+    record_stability: bool
+    behaviour_logprobs: list[float]
+    base_logprobs: list[float]
+
+
+def sampled_sequence(row: DrawnRow) -> SampledSequence:
+    """A finished row as its request's output (no stop reason yet: it hit the limit)."""
+    return SampledSequence(
+        row.tokens,
+        row.logprobs,
+        row.stop_reason or "length",
+        row.topk_logprobs if row.topk > 0 else None,
+        row.behaviour_logprobs if row.record_stability else None,
+        row.base_logprobs if row.record_stability else None,
+    )
 
 
 def row_seed(seed: int | None, sample_index: int) -> int:
@@ -533,18 +560,7 @@ def sample(
 
     outputs: list[SampleOutput | None] = [None] * len(inputs)
     for i in range(len(reqs)):
-        sequences = [
-            SampledSequence(
-                row.tokens,
-                row.logprobs,
-                row.stop_reason or "length",
-                row.topk_logprobs if row.topk > 0 else None,
-                row.behaviour_logprobs if row.record_stability else None,
-                row.base_logprobs if row.record_stability else None,
-            )
-            for row in rows
-            if row.request == i
-        ]
+        sequences = [sampled_sequence(row) for row in rows if row.request == i]
         extras = prompt_outputs[i]
         outputs[order[i]] = SampleOutput(
             sequences,
