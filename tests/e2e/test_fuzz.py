@@ -411,7 +411,7 @@ def test_after_fuzzing_the_sdk_still_trains_and_samples(
     seq = sampler.sample(
         types.ModelInput.from_ints([10, 20, 30]),
         num_samples=2,
-        sampling_params=types.SamplingParams(max_tokens=4, temperature=1.0, seed=3),
+        sampling_params=types.SamplingParams(max_tokens=4, temperature=1.0, seed=3, stop=[]),
     ).result(timeout=120)
     assert len(seq.sequences) == 2 and all(len(s.tokens) == 4 for s in seq.sequences)
     log = fuzz_server.log()

@@ -61,4 +61,4 @@ def test_idle_runs_are_released_and_restored_exactly(tiny_model_dir: Path, tmp_p
 
 
 def _greedy() -> tinker.types.SamplingParams:
-    return tinker.types.SamplingParams(max_tokens=4, temperature=0.0)
+    return tinker.types.SamplingParams(max_tokens=4, temperature=0.0, stop=[])

@@ -61,7 +61,7 @@ def http(server: Server, key: str = KEY) -> httpx.Client:
 
 
 def params(seed: int, max_tokens: int = 8) -> types.SamplingParams:
-    return types.SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed)
+    return types.SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed, stop=[])
 
 
 def prompt(i: int) -> types.ModelInput:

@@ -149,7 +149,9 @@ def test_two_models_one_cluster(
             losses[model] = (first, again)
             sampler = tc.save_weights_and_get_sampling_client().result()
             out = sampler.sample(
-                types.ModelInput.from_ints([5, 6, 7]), 1, types.SamplingParams(max_tokens=6)
+                types.ModelInput.from_ints([5, 6, 7]),
+                1,
+                types.SamplingParams(max_tokens=6, seed=3, stop=[]),
             ).result()
             assert len(out.sequences[0].tokens) == 6
 
