@@ -109,3 +109,27 @@ def test_runner_that_cannot_start_fails_with_its_reason(tmp_path: Path) -> None:
     with pytest.raises(VllmError, match="failed to start: ModuleNotFoundError") as err:
         VllmProcess(config)
     assert str(tmp_path / "vllm.log") in str(err.value)
+
+
+def test_hung_runner_times_requests_out(tmp_path: Path) -> None:
+    """A runner that starts and then never answers (alive, reading its input): each request
+    line fails after `request_timeout`, through `generate` and through `send`'s callback (the
+    pool's path), and closing it still ends the process."""
+    hung = tmp_path / "hung-python"
+    ready = '{"ready": true, "vllm": "hung", "device": "cpu"}'
+    # Reads its input and keeps its output open, never answering.
+    hung.write_text(f"#!/bin/sh\necho '{ready}'\nwhile read -r line; do :; done\n")
+    hung.chmod(0o755)
+    config = VllmConfig(python=hung, model_dir=tmp_path, request_timeout=0.5, start_timeout=60)
+    process = VllmProcess(config)
+    try:
+        assert process.version == "hung" and process.alive
+        answers: list[object] = []
+        process.send([{"prompt": PROMPT}], answers.append)
+        with pytest.raises(VllmError, match="no answer within the request timeout"):
+            process.generate([{"prompt": PROMPT}])
+        assert len(answers) == 1 and isinstance(answers[0], VllmError)
+        assert process.alive  # timed out, not dead: later requests are still sent
+    finally:
+        process.close(timeout=10)
+    assert process.proc.poll() is not None

@@ -123,13 +123,16 @@ class VllmConfig:
 class VllmProcess:
     """The runner child process: started in its own session (its engine processes with it),
     ended by its process id. Any number of threads may `generate` at once: their requests
-    decode together in the runner's engine, and each call returns when its own are done."""
+    decode together in the runner's engine, and each call returns when its own are done.
+    A request line unanswered after `request_timeout` fails with VllmError (a watchdog thread:
+    a hung runner that stays alive must not hold its callers forever); a late answer is dropped."""
 
     def __init__(self, config: VllmConfig) -> None:
         self.config = config
         self._lock = threading.Lock()  # writes to the runner's stdin, and the waiters
         self._lines: queue.Queue[str | None] = queue.Queue()  # the start handshake
-        self._waiting: dict[int, Answer] = {}  # request line id -> who gets its answer
+        # request line id -> who gets its answer, and by when
+        self._waiting: dict[int, tuple[Answer, float]] = {}
         self._gone = False  # the runner's output ended
         self._next_id = 0
         self.version = ""
@@ -159,6 +162,7 @@ class VllmProcess:
         self.version = str(first.get("vllm", ""))
         self.device = str(first.get("device", ""))
         log.info("vLLM %s sampler started (pid %d)", self.version, self.proc.pid)
+        threading.Thread(target=self._watch, name="vllm-watchdog", daemon=True).start()
 
     def _read(self, stream: IO[str] | None) -> None:
         """The first line is the handshake; every later one answers a `send`."""
@@ -173,13 +177,32 @@ class VllmProcess:
             with self._lock:
                 waiter = self._waiting.pop(answer.get("id"), None)
             if waiter is not None:
-                waiter(self._result(answer))
+                waiter[0](self._result(answer))
         with self._lock:
             self._gone = True
             waiters, self._waiting = list(self._waiting.values()), {}
-        for waiter in waiters:
-            waiter(VllmError(f"vLLM runner exited ({self.proc.poll()}){self._tail()}"))
+        for on_answer, _ in waiters:
+            on_answer(VllmError(f"vLLM runner exited ({self.proc.poll()}){self._tail()}"))
         self._lines.put(None)
+
+    def _watch(self) -> None:
+        """Fail request lines past their deadline, until the runner's output ends."""
+        period = min(1.0, self.config.request_timeout / 4)
+        while True:
+            time.sleep(period)
+            now = time.monotonic()
+            with self._lock:
+                if self._gone:
+                    return
+                late = [rid for rid, (_, due) in self._waiting.items() if due <= now]
+                expired = [self._waiting.pop(rid)[0] for rid in late]
+            for on_answer in expired:
+                on_answer(
+                    VllmError(
+                        f"vLLM runner: no answer within the request timeout "
+                        f"({self.config.request_timeout:g} s)"
+                    )
+                )
 
     def _result(self, answer: dict[str, Any]) -> list[dict[str, Any]] | VllmError:
         if answer.get("ok"):
@@ -219,7 +242,7 @@ class VllmProcess:
                 raise VllmError(f"vLLM runner is not running ({self.proc.poll()}){self._tail()}")
             self._next_id += 1
             rid = self._next_id
-            self._waiting[rid] = on_answer
+            self._waiting[rid] = (on_answer, time.monotonic() + self.config.request_timeout)
             try:
                 self.proc.stdin.write(json.dumps({"id": rid, "requests": requests}) + "\n")
                 self.proc.stdin.flush()
@@ -232,8 +255,7 @@ class VllmProcess:
         got: list[list[dict[str, Any]] | VllmError] = []
         answered = threading.Event()
         self.send(requests, lambda result: (got.append(result), answered.set()))
-        if not answered.wait(self.config.request_timeout):
-            raise VllmError("vLLM runner: no answer within the request timeout")
+        answered.wait()  # the watchdog or the reader answers, whatever the runner does
         if isinstance(got[0], VllmError):
             raise got[0]
         return got[0]
