@@ -521,8 +521,9 @@ def bench_sample(
     engine: Annotated[
         str,
         typer.Option(
-            help="continuous; or transformers (its forward as the decode step) or static "
-            "(the previous sampler), for (a)/(b)"
+            help="continuous; or eager (tinkerd's decoder without its fused kernels), "
+            "transformers (its forward as the decode step) or static (the previous "
+            "sampler), for (a)/(b)"
         ),
     ] = "continuous",
     server: Annotated[
@@ -541,8 +542,8 @@ def bench_sample(
     from tinkerd.bench.sample import SampleBenchConfig, run
     from tinkerd.engine.vllm_sampler import default_python
 
-    if engine not in ("continuous", "transformers", "static"):
-        raise typer.BadParameter("--engine must be continuous, transformers or static")
+    if engine not in ("continuous", "eager", "transformers", "static"):
+        raise typer.BadParameter("--engine must be continuous, eager, transformers or static")
     settings = _settings(data_dir=data_dir)
     if vllm and vllm_python is None:
         vllm_python = default_python(Path(__file__).resolve().parents[1])

@@ -111,6 +111,10 @@ class Settings(BaseSettings):
     # Decode step of Llama-family models: "tinkerd" (model/decoder.py, a KV arena and packed
     # weights) or "transformers" (its forward over a padded cache, as other models use).
     decoder: Literal["tinkerd", "transformers"] = "tinkerd"
+    # The tinkerd decoder's fused CPU kernels (model/kernels: RMSNorm, RoPE + KV write,
+    # attention, SiLU gate), compiled with the machine's g++ on first use and cached under
+    # $XDG_CACHE_HOME/tinkerd/kernels. False, or where they cannot be built: eager torch ops.
+    decode_kernels: bool = True
     # Decode time per scheduler turn before training work runs again (engine/scheduler.py:
     # bounds how long sampling delays a training op, and the per-turn overhead).
     sample_slice_ms: float = Field(default=50.0, gt=0)

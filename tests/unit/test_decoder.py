@@ -86,17 +86,23 @@ def _prompt_kv(lora: MultiLoraModel, tokens: list[int], route: str | None) -> tu
 
 
 @pytest.mark.parametrize(
-    ("name", "packed"), [(name, True) for name in sorted(SERVED)] + [("llama3", False)]
+    ("name", "packed", "fused"),
+    [(name, True, True) for name in sorted(SERVED)]
+    + [("llama3", False, False), ("qwen2_sliding", True, False), ("qwen3", True, False)],
 )
 def test_decode_matches_transformers(
-    name: str, packed: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    name: str, packed: bool, fused: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`packed` False: plain `F.linear` per projection, the path off CPU (no weight copy)."""
+    """`packed` False: plain `F.linear` per projection, the path off CPU (no weight copy).
+    `fused` False: eager ops instead of the fused kernels (model/kernels), as where they
+    cannot be built or off CPU."""
     if not packed:
         monkeypatch.setattr(decoder, "mkldnn_packing", lambda device, dtype: False)
     lora = _lora(SERVED[name], tmp_path)
     assert decoder.supports(lora.model)
-    batch = ArenaBatch(decoder.Decoder(lora, torch.float32))
+    batch = ArenaBatch(decoder.Decoder(lora, torch.float32, fused=fused))
+    assert batch.decoder.fused is fused
+    assert batch.arena.keys_transposed is fused
     gen = torch.Generator().manual_seed(0)
     seqs: list[list[int]] = []
     routes: list[str | None] = []
@@ -150,8 +156,10 @@ def test_other_families_keep_transformers_forward(family: object, tmp_path: Path
     assert not decoder.supports(base.model)
 
 
-def test_arena_growth_keeps_what_was_written() -> None:
-    arena = decoder.KVArena(2, 1, 4, torch.float32, torch.device("cpu"))
+@pytest.mark.parametrize("transposed", [False, True])
+def test_arena_growth_keeps_what_was_written(transposed: bool) -> None:
+    """`transposed`: keys stored (slots, heads, dim, positions), the fused kernels' layout."""
+    arena = decoder.KVArena(2, 1, 4, torch.float32, torch.device("cpu"), transposed)
     arena.reserve(2, 5)
     kv = [(torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4)) for _ in range(2)]
     arena.write_prompt(1, kv)
@@ -159,8 +167,15 @@ def test_arena_growth_keeps_what_was_written() -> None:
     arena.reserve(20, 200)
     rows, positions = arena.capacity
     assert rows >= 20 and positions >= 200 and positions % arena.block == 0
+    assert arena.keys[0].shape[-1] == (positions if transposed else 4)
+
+    def keys(layer: int, slot: int) -> torch.Tensor:  # (heads, positions, dim) either way
+        k = arena.keys[layer][slot]
+        return k.transpose(1, 2) if transposed else k
+
     for layer, (k, v) in enumerate(kv):
-        assert torch.equal(arena.keys[layer][1, :, :5], k[0])
+        assert torch.equal(keys(layer, 1)[:, :5], k[0])
         assert torch.equal(arena.values[layer][1, :, :5], v[0])
     arena.move(1, 0, 5)
-    assert torch.equal(arena.keys[0][0, :, :5], kv[0][0][0])
+    assert torch.equal(keys(0, 0)[:, :5], kv[0][0][0])
+    assert torch.equal(arena.values[1][0, :, :5], kv[1][1][0])

@@ -169,23 +169,26 @@ def test_activation_probe_measures_per_token_memory(tiny_base: BaseModel) -> Non
 def test_scheduler_thread_owns_the_intra_op_threads(tiny_base: BaseModel) -> None:
     """With `threads`, the scheduler thread runs torch on that many intra-op threads and the
     thread that started it (the server's main thread) goes single-threaded, so the process
-    holds one OpenMP pool (engine/threads.py)."""
+    holds one OpenMP pool (engine/threads.py). Decode steps run the fused kernels
+    (model/kernels), which must not reset the thread's count either."""
     before = torch.get_num_threads()
     seen: list[int] = []
     done = threading.Event()
-    scheduler = ModelScheduler(ModelWorker(tiny_base), threads=2)
+    worker = ModelWorker(tiny_base)
+    scheduler = ModelScheduler(worker, threads=2)
     try:
         scheduler.start()
         assert torch.get_num_threads() == 1
         item = SampleInput(
             None,
             [1, 2, 3],
-            SamplingParams(max_tokens=2, seed=0, stop=()),
+            SamplingParams(max_tokens=4, seed=0, stop=()),
             on_token=lambda i, c: seen.append(torch.get_num_threads()),
         )
         scheduler.submit(Op("s", Sample(item), lambda _: done.set(), lambda _: done.set()))
         assert done.wait(60)
-        assert seen and set(seen) == {2}  # the hook runs on the scheduler thread
+        assert len(seen) == 4 and set(seen) == {2}  # the hook runs on the scheduler thread
+        assert worker.sampler._batch.decoder.fused  # type: ignore[union-attr]
     finally:
         scheduler.stop()
         torch.set_num_threads(before)

@@ -163,6 +163,7 @@ def build_schedulers(settings: Settings, threads: int | None = None) -> dict[str
             autocast_dtype=autocast,
             prefix_cache_bytes=int(settings.prefix_cache_mb * 2**20),
             own_decoder=settings.decoder == "tinkerd",
+            decode_kernels=settings.decode_kernels,
             prefill_chunk=settings.prefill_chunk_tokens,
         )
         budget = train_token_budget(worker, settings)
@@ -197,6 +198,7 @@ def build_router(
         threads=settings.threads,
         prefix_cache_bytes=int(settings.prefix_cache_mb * 2**20),
         own_decoder=settings.decoder == "tinkerd",
+        decode_kernels=settings.decode_kernels,
         prefill_chunk=settings.prefill_chunk_tokens,
     )
     num_gpus = 1.0 if cuda else 0.0

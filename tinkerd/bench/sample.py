@@ -12,7 +12,8 @@ first draw); (c) is not streamed by the Tinker SDK, so its per-request latency i
 The machine limit: a decode step must read every weight once (measured read bandwidth) and do
 2 x params FLOPs per sequence (measured matmul peak in the model's dtype), so at batch B
 tokens/s <= B / max(weight bytes / bandwidth, B x 2 x params / peak).
-`--engine transformers` runs (a)/(b) on the continuous engine with transformers' forward as
+`--engine eager` runs (a)/(b) on tinkerd's decoder without its fused CPU kernels
+(model/kernels), `--engine transformers` on the continuous engine with transformers' forward as
 the decode step (what models without tinkerd's own decoder get), `--engine static` on the
 previous static-batch sampler (one batch at a time, no prefix cache), for comparison.
 Where a vLLM venv is given (`--vllm-python`, default `.vllm-venv` when `make vllm-venv` built
@@ -51,7 +52,7 @@ class SampleBenchConfig:
     concurrent: int = 64
     clients: int = 8
     arrival_s: float = 2.0  # (c): requests arrive spread over this many seconds
-    engine: str = "continuous"  # "transformers" or "static": other samplers, for (a)/(b)
+    engine: str = "continuous"  # "eager", "transformers" or "static": others, for (a)/(b)
     server: bool = True  # run (c)
     dtype: str | None = None  # None: what the machine runs fast (bench/dtype.py)
     vllm_python: Path | None = None  # a vLLM venv's python: (a)/(b) on vLLM too
@@ -267,7 +268,8 @@ def run(cfg: SampleBenchConfig) -> dict:
         autocast_dtype=torch.bfloat16 if choice.dtype == "bfloat16" else None,
         prefix_cache_bytes=0 if static else 512 << 20,
         continuous_sampling=not static,
-        own_decoder=cfg.engine == "continuous",
+        own_decoder=cfg.engine in ("continuous", "eager"),
+        decode_kernels=cfg.engine == "continuous",
     )
     prompts = chat_prompts(base.tokenizer, cfg.prompts)
     results: dict = {
@@ -304,7 +306,10 @@ def run(cfg: SampleBenchConfig) -> dict:
             )
     if cfg.server:
         print(f"(c) {cfg.concurrent} requests from {cfg.clients} SDK clients", flush=True)
-        results.update(run_concurrent(cfg, prompts, choice.dtype, choice.serve_env()))
+        env = choice.serve_env()
+        if cfg.engine == "eager":  # (c) without the kernels too
+            env["TINKERD_DECODE_KERNELS"] = "false"
+        results.update(run_concurrent(cfg, prompts, choice.dtype, env))
         limit_c = results[f"machine_limit_b{cfg.concurrent}_tok_s"]
         results["share_concurrent_of_limit"] = round(
             results["tinkerd_concurrent_tok_s"] / limit_c, 3

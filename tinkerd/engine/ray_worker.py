@@ -65,6 +65,7 @@ class ReplicaSpec:
     threads: int | None = None  # torch threads in the actor (None: its CPU share)
     prefix_cache_bytes: int | None = None  # the sampler's prefix cache (None: its default)
     own_decoder: bool = True  # tinkerd's decode step where the model allows (model/decoder.py)
+    decode_kernels: bool = True  # its fused CPU kernels (model/kernels)
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens prefilled per decode step
 
 
@@ -147,6 +148,7 @@ class WorkerActor:
             base,
             autocast_dtype=autocast,
             own_decoder=spec.own_decoder,
+            decode_kernels=spec.decode_kernels,
             prefill_chunk=spec.prefill_chunk,
             **extra,
         )

@@ -17,15 +17,21 @@ everything else keeps the transformers path (`decode_batch.PaddedBatch`).
 
 LoRA: the base matmul runs on every row; each adapter's low-rank delta runs on its own rows
 (`Groups`), with the pinned (frozen) adapter's factors cast to the compute dtype once.
+
+Fused kernels (model/kernels: RMSNorm, RoPE + KV write, attention, SiLU gate): on CPU, when
+the model runs in its own dtype (float32 or bfloat16 weights and compute), each replaces a run
+of small eager ops; elsewhere, or where they cannot be built, the eager ops below run.
 """
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinkerd.model import kernels
 from tinkerd.model.lora import LoraLinear, MultiLoraModel
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
@@ -170,16 +176,25 @@ class _Layer:
 
 class KVArena:
     """Per-layer keys and values of the decode batch, written in place: row r's positions
-    0..len_r-1 at `keys[layer][r, :, :len_r]`. Space grows in blocks (rows by doubling,
+    0..len_r-1 at `values[layer][r, :, :len_r]` and `keys[layer][r, :, :len_r]`, or with
+    `keys_transposed` (the fused attention's layout: a run of positions is one vector per
+    head dim) at `keys[layer][r, :, :, :len_r]`. Space grows in blocks (rows by doubling,
     positions by at least `block`, a copy only then); a leaving row's slot is filled by moving
     the last row into it (one row copied, never the batch re-ordered)."""
 
     def __init__(
-        self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+        self,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        keys_transposed: bool = False,
     ) -> None:
         self.shape = (layers, kv_heads, head_dim)
         self.dtype = dtype
         self.device = device
+        self.keys_transposed = keys_transposed
         self.block = 32
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
@@ -188,7 +203,7 @@ class KVArena:
     @property
     def capacity(self) -> tuple[int, int]:
         """(row slots, positions per slot) allocated."""
-        return (self.keys[0].shape[0], self.keys[0].shape[2]) if self.keys else (0, 0)
+        return (self.values[0].shape[0], self.values[0].shape[2]) if self.values else (0, 0)
 
     def reserve(self, rows: int, positions: int) -> None:
         """Make room for `rows` slots of `positions` positions each."""
@@ -203,12 +218,16 @@ class KVArena:
             step = max(self.block, have_pos // 8)
             new_pos = -(-max(positions, have_pos + step) // self.block) * self.block
         layers, heads, dim = self.shape
-        size = (new_rows, heads, new_pos, dim)
-        for store in (self.keys, self.values):
+        for store, transposed in ((self.keys, self.keys_transposed), (self.values, False)):
+            size = (
+                (new_rows, heads, dim, new_pos) if transposed else (new_rows, heads, new_pos, dim)
+            )
             for i in range(layers):
                 fresh = torch.zeros(size, dtype=self.dtype, device=self.device)
                 if store and self.rows:
-                    fresh[: self.rows, :, :have_pos] = store[i][: self.rows]
+                    _positions(fresh, transposed)[: self.rows, :, :have_pos] = _positions(
+                        store[i], transposed
+                    )[: self.rows]
                 if len(store) == layers:
                     store[i] = fresh
                 else:
@@ -218,22 +237,30 @@ class KVArena:
         """A prompt's KV (per layer (1, heads, L, dim)) into `slot`, positions 0..L-1."""
         for i, (k, v) in enumerate(kv):
             n = k.shape[2]
-            self.keys[i][slot, :, :n] = k[0]
+            _positions(self.keys[i], self.keys_transposed)[slot, :, :n] = k[0]
             self.values[i][slot, :, :n] = v[0]
 
     def move(self, src: int, dst: int, length: int) -> None:
-        for store in (self.keys, self.values):
+        for store, transposed in ((self.keys, self.keys_transposed), (self.values, False)):
             for t in store:
-                t[dst, :, :length] = t[src, :, :length]
+                view = _positions(t, transposed)
+                view[dst, :, :length] = view[src, :, :length]
 
     def clear(self) -> None:
         self.keys, self.values, self.rows = [], [], 0
 
 
+def _positions(t: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """An arena tensor as (slots, heads, positions, dim), a view either way."""
+    return t.transpose(2, 3) if transposed else t
+
+
 class Decoder:
     """The decode forward pass of one served model (see the module docstring)."""
 
-    def __init__(self, lora: MultiLoraModel, compute_dtype: torch.dtype) -> None:
+    def __init__(
+        self, lora: MultiLoraModel, compute_dtype: torch.dtype, fused: bool = True
+    ) -> None:
         model = lora.model
         config = model.config
         body = model.model
@@ -274,11 +301,29 @@ class Decoder:
         self.scaling = body.layers[0].self_attn.scaling
         self.windows = sliding_windows(config, len(self.layers))
         self.kv_dtype = torch.promote_types(compute_dtype, self.model_dtype)
+        # The kernels take one dtype everywhere (weights, compute, cache), head dims of whole
+        # vectors and GQA groups of up to 8 queries.
+        self.fused = (
+            fused
+            and self.device.type == "cpu"
+            and self.model_dtype == compute_dtype
+            and compute_dtype in (torch.float32, torch.bfloat16)
+            and self.head_dim % 16 == 0
+            and self.heads // self.kv_heads <= 8
+            and kernels.load()
+        )
         self.adapters = LoraCache(compute_dtype)
         self._cos = self._sin = torch.empty(0)
 
     def arena(self) -> KVArena:
-        return KVArena(len(self.layers), self.kv_heads, self.head_dim, self.kv_dtype, self.device)
+        return KVArena(
+            len(self.layers),
+            self.kv_heads,
+            self.head_dim,
+            self.kv_dtype,
+            self.device,
+            keys_transposed=self.fused,
+        )
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin rows for `positions`, from a table the model's rotary module filled."""
@@ -298,40 +343,53 @@ class Decoder:
         `lengths[r]`; writes that token's keys and values into the arena's slot r."""
         rows = tokens.shape[0]
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
-        arena.reserve(rows, int(lengths.max()) + 1)
+        # (+16: the fused attention reads whole blocks of up to 16 positions past a row's last)
+        arena.reserve(rows, int(lengths.max()) + 1 + (16 if self.fused else 0))
         width = arena.capacity[1]
         cos, sin = self._rope(lengths)
-        cos, sin = cos[:, None], sin[:, None]
-        # Attention reads every slot's whole capacity (a contiguous view: slicing it to the
-        # longest row would make bmm copy it); an additive mask hides what a row has not
-        # written: row r sees positions 0..len_r.
-        masks = {window: self._mask(lengths, width, window) for window in set(self.windows)}
-        # Where each row's new key goes in the flattened (slot, head, position) arena.
-        heads_of = torch.arange(rows * kv_heads, device=self.device)
-        at = heads_of * width + lengths.repeat_interleave(kv_heads)
+        fused = self.fused
+        if not fused:
+            # Attention reads every slot's whole capacity (a contiguous view: slicing it to
+            # the longest row would make bmm copy it); an additive mask hides what a row has
+            # not written: row r sees positions 0..len_r.
+            masks = {w: self._mask(lengths, width, w) for w in set(self.windows)}
+            # Where each row's new key goes in the flattened (slot, head, position) arena.
+            heads_of = torch.arange(rows * kv_heads, device=self.device)
+            at = heads_of * width + lengths.repeat_interleave(kv_heads)
+            cos, sin = cos[:, None], sin[:, None]
         x = self.embed(tokens)
         lora = self.adapters
+        norm = self._norm
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(_rms_norm(x, layer.ln1), groups, lora)
+            qkv = layer.qkv(norm(x, layer.ln1), groups, lora)
             qk = qkv[:, : (heads + kv_heads) * dim].view(rows, heads + kv_heads, dim)
-            v = qkv[:, (heads + kv_heads) * dim :].view(rows, kv_heads, dim)
+            v = qkv[:, (heads + kv_heads) * dim :]
             if layer.q_norm is not None and layer.k_norm is not None:
                 q, k = qk[:, :heads], qk[:, heads:]
-                qk = torch.cat((_rms_norm(q, layer.q_norm), _rms_norm(k, layer.k_norm)), 1)
-            qk = qk * cos + _rotate_half(qk) * sin  # RoPE on queries and keys at once
+                qk = torch.cat((norm(q, layer.q_norm), norm(k, layer.k_norm)), 1)
             keys, values = arena.keys[i], arena.values[i]
-            keys.view(-1, dim).index_copy_(0, at, qk[:, heads:].reshape(-1, dim).to(keys.dtype))
-            values.view(-1, dim).index_copy_(0, at, v.reshape(-1, dim).to(values.dtype))
-            mask = masks[self.windows[i]]
-            attn = self._attend(qk[:, :heads].to(keys.dtype), keys, values, rows, mask)
+            if fused:
+                q = _ops().rope_store(qk, v, cos, sin, keys, values, lengths, heads)
+                attn = _ops().attend(q, keys, values, lengths, self.windows[i] or 0, self.scaling)
+            else:
+                qk = qk * cos + _rotate_half(qk) * sin  # RoPE on queries and keys at once
+                keys.view(-1, dim).index_copy_(0, at, qk[:, heads:].reshape(-1, dim).to(keys.dtype))
+                values.view(-1, dim).index_copy_(0, at, v.reshape(-1, dim).to(values.dtype))
+                mask = masks[self.windows[i]]
+                attn = self._attend(qk[:, :heads].to(keys.dtype), keys, values, rows, mask)
             x = x + layer.o(attn, groups, lora)
-            up = layer.gate_up(_rms_norm(x, layer.ln2), groups, lora)
-            x = x + layer.down(_silu_mul(up), groups, lora)
-        logits = self.head(_rms_norm(x, self.norm), groups, lora)
+            up = layer.gate_up(norm(x, layer.ln2), groups, lora)
+            x = x + layer.down(_ops().silu_mul(up) if fused else _silu_mul(up), groups, lora)
+        logits = self.head(norm(x, self.norm), groups, lora)
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits.float()
+
+    def _norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        if self.fused and norm.weight.dtype == x.dtype:
+            return _ops().rms_norm(x, norm.weight, norm.variance_epsilon)
+        return _rms_norm(x, norm)
 
     def _mask(self, lengths: torch.Tensor, width: int, window: int | None) -> torch.Tensor:
         """Additive mask (rows * kv heads, width, 1): row r sees positions 0..len_r, or only
@@ -366,6 +424,10 @@ class Decoder:
         probs = torch.softmax(scores, dim=-1).to(v.dtype)  # 3x faster over the last dim
         out = torch.bmm(probs, v)  # (rows*kv, group, dim)
         return out.reshape(rows, self.heads * dim)
+
+
+def _ops() -> Any:
+    return torch.ops.tinkerd_decode
 
 
 def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:

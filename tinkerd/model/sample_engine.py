@@ -37,7 +37,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from tinkerd.model import decoder
+from tinkerd.model import decoder, kernels
 from tinkerd.model.decode_batch import ArenaBatch, DecodeBatch, PaddedBatch, full_cache, set_layer
 from tinkerd.model.lora import Adapter, MultiLoraModel, segments_for
 from tinkerd.model.prefix_cache import KV, PrefixCache
@@ -141,6 +141,7 @@ class SampleEngine:
         continuous: bool = True,
         compute_dtype: torch.dtype | None = None,
         own_decoder: bool = True,
+        decode_kernels: bool = True,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ) -> None:
         self.lora = lora
@@ -153,6 +154,9 @@ class SampleEngine:
         self.device = lora.model.get_output_embeddings().weight.device
         self.compute_dtype = compute_dtype or lora.model.get_output_embeddings().weight.dtype
         self.own_decoder = own_decoder and decoder.supports(lora.model)
+        self.decode_kernels = decode_kernels  # the decoder's fused CPU kernels (model/kernels)
+        if self.own_decoder and decode_kernels and self.device.type == "cpu":
+            kernels.load()  # built now (once per machine), not at the first sample request
         self.prefill_chunk = max(1, prefill_chunk)
         self._requests: dict[Hashable, _Request] = {}
         self._rows: list[_Row] = []  # in the batch's slot order
@@ -366,7 +370,9 @@ class SampleEngine:
     def _batch_kind(self) -> DecodeBatch:
         if self._batch is None:
             if self.own_decoder:
-                self._batch = ArenaBatch(decoder.Decoder(self.lora, self.compute_dtype))
+                self._batch = ArenaBatch(
+                    decoder.Decoder(self.lora, self.compute_dtype, fused=self.decode_kernels)
+                )
             else:
                 self._batch = PaddedBatch(self.lora, self.device)
         return self._batch

@@ -64,6 +64,7 @@ class ModelWorker:
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
         continuous_sampling: bool = True,
         own_decoder: bool = True,
+        decode_kernels: bool = True,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ) -> None:
         self.base = base
@@ -89,6 +90,7 @@ class ModelWorker:
             and continuous_supported(base.model, self.vision is not None),
             compute_dtype=autocast_dtype,
             own_decoder=own_decoder,
+            decode_kernels=decode_kernels,
             prefill_chunk=prefill_chunk,
         )
         self._sample_adapters: dict[Hashable, str | None] = {}  # admitted key -> adapter id
