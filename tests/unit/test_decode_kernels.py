@@ -98,8 +98,9 @@ def _rope_inputs(
 def test_rope_store(ops: object, dtype: torch.dtype, heads: int, kv_heads: int, dim: int) -> None:
     rows, width = 6, 40
     t = _rope_inputs(dtype, rows, heads, kv_heads, dim, width)
+    slots = torch.arange(rows)
     q = ops.rope_store(  # type: ignore[attr-defined]
-        t["qk"], t["v"], t["cos"], t["sin"], t["keys"], t["values"], t["positions"], heads
+        t["qk"], t["v"], t["cos"], t["sin"], t["keys"], t["values"], t["positions"], slots, heads
     )
     cos, sin = t["cos"][:, None], t["sin"][:, None]
     eager = t["qk"] * cos + _rotate_half(t["qk"]) * sin  # what decoder.py does without kernels
@@ -165,8 +166,9 @@ def test_attend(
     keys = (torch.randn(rows + 1, kv_heads, dim, width, generator=gen) * 2).to(dtype)
     values = torch.randn(rows + 1, kv_heads, width, dim, generator=gen).to(dtype)
     scaling = dim**-0.5
+    slots = torch.arange(rows)
     got = ops.attend(  # type: ignore[attr-defined]
-        q, keys, values, torch.tensor(positions), window, scaling
+        q, keys, values, torch.tensor(positions), slots, window, scaling
     )
     want = _attention_reference(q, keys, values, positions, window, scaling)
     assert got.shape == (rows, heads * dim) and got.dtype == dtype
@@ -181,7 +183,7 @@ def test_attend(
         keys[r, :, :, p + 1 :] = float("nan")
         values[r, :, p + 1 :] = float("nan")
     again = ops.attend(  # type: ignore[attr-defined]
-        q[:-1], keys, values, torch.tensor(positions[:-1]), window, scaling
+        q[:-1], keys, values, torch.tensor(positions[:-1]), slots[:-1], window, scaling
     )
     assert torch.equal(again, got[:-1])
 

@@ -179,3 +179,42 @@ def test_arena_growth_keeps_what_was_written(transposed: bool) -> None:
     arena.move(1, 0, 5)
     assert torch.equal(keys(0, 0)[:, :5], kv[0][0][0])
     assert torch.equal(arena.values[1][0, :, :5], kv[1][1][0])
+
+
+@pytest.mark.parametrize("name", sorted(SERVED))
+def test_prefill_matches_transformers(name: str, tmp_path: Path) -> None:
+    """`Decoder.prefill`: chunks of ragged lengths, from position 0 or after a prefix's KV,
+    under different adapters, in one pass (rows sharing a slot at successive positions):
+    each chunk's hidden states, its prompt's KV and (for a prompt's last chunk) its
+    next-token logits equal transformers' forward over the whole prompt. 20-token prompts
+    run past the sliding windows (8)."""
+    lora = _lora(SERVED[name], tmp_path)
+    dec = decoder.Decoder(lora, torch.float32)
+    assert dec.can_prefill
+    gen = torch.Generator().manual_seed(5)
+    cases = [(9, 0, "a", True), (20, 6, None, True), (14, 11, "b", False), (3, 0, None, True)]
+    prompts, chunks, refs = [], [], []
+    for length, start, route, last in cases:
+        tokens = torch.randint(0, 256, (length,), generator=gen).tolist()
+        end = length if last else length - 2
+        prefix = _prompt_kv(lora, tokens[:start], route)[0] if start else []
+        chunks.append(decoder.PrefillChunk(tokens[start:end], start, prefix, route, last))
+        cache = full_cache(lora.model.config)
+        with torch.no_grad(), lora.route(segments_for([route])):
+            hidden = body(lora.model)(
+                input_ids=torch.tensor([tokens[:end]]), past_key_values=cache, use_cache=True
+            ).last_hidden_state[0]
+            logits = unembed(lora, hidden[-1:]).float()[0]
+        refs.append((hidden[start:end], [(la.keys, la.values) for la in cache.layers], logits))
+        prompts.append(tokens)
+    got = dec.prefill(chunks)
+    for i, (out, (hidden, kv, logits)) in enumerate(zip(got, refs, strict=True)):
+        assert_close_scaled(out.hidden, hidden, terms=TERMS, msg=f"hidden {i}")
+        for (k, v), (want_k, want_v) in zip(out.kv, kv, strict=True):
+            assert_close_scaled(k, want_k, terms=TERMS, msg=f"keys {i}")
+            assert_close_scaled(v, want_v, terms=TERMS, msg=f"values {i}")
+        if chunks[i].last:
+            assert out.logits is not None
+            assert_close_scaled(out.logits, logits, terms=TERMS, msg=f"logits {i}")
+        else:
+            assert out.logits is None

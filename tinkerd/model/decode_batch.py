@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from tinkerd.model.decoder import Decoder, Groups
+from tinkerd.model.decoder import Decoder, Groups, route_groups
 from tinkerd.model.lora import MultiLoraModel, segments_for
 from tinkerd.model.prefix_cache import KV
 from tinkerd.model.training import body, unembed
@@ -93,15 +93,7 @@ class ArenaBatch:
         self.lengths = [n + 1 for n in self.lengths]
 
     def _groups(self) -> Groups:
-        """Each adapter's rows (None: all rows use it); base-model rows need no delta."""
-        slots: dict[str, list[int]] = {}
-        for slot, route in enumerate(self.routes):
-            if route is not None:
-                slots.setdefault(route, []).append(slot)
-        if len(slots) == 1 and None not in self.routes:
-            return [(next(iter(slots)), None)]
-        device = self.decoder.device
-        return [(route, torch.tensor(rows, device=device)) for route, rows in slots.items()]
+        return route_groups(self.routes, self.decoder.device)
 
 
 class PaddedBatch:

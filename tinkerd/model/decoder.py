@@ -163,6 +163,40 @@ class LoraCache:
 
 
 @dataclass
+class PrefillChunk:
+    """Prompt positions [start, start + len(tokens)) of one prompt, under `route`'s
+    weights; `prefix`: its KV for positions [0, start) (per layer (1, heads, start, dim));
+    `last`: the chunk ends the prompt (its next-token logits are wanted)."""
+
+    tokens: list[int]
+    start: int
+    prefix: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    route: str | None
+    last: bool
+
+
+@dataclass
+class Prefilled:
+    """A chunk's final hidden states (its tokens, hidden), its prompt's KV for positions
+    [0, end) (per layer (1, heads, end, dim)), and the next-token logits if it was last."""
+
+    hidden: torch.Tensor
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    logits: torch.Tensor | None
+
+
+def route_groups(routes: Sequence[str | None], device: torch.device) -> Groups:
+    """Each adapter's rows (None: all rows use it); base-model rows need no delta."""
+    rows: dict[str, list[int]] = {}
+    for row, route in enumerate(routes):
+        if route is not None:
+            rows.setdefault(route, []).append(row)
+    if len(rows) == 1 and None not in routes:
+        return [(next(iter(rows)), None)]
+    return [(route, torch.tensor(r, device=device)) for route, r in rows.items()]
+
+
+@dataclass
 class _Layer:
     ln1: nn.Module
     qkv: Proj
@@ -341,10 +375,82 @@ class Decoder:
     ) -> torch.Tensor:
         """Logits (rows, vocab) after each row's next token `tokens[r]` at position
         `lengths[r]`; writes that token's keys and values into the arena's slot r."""
+        slots = torch.arange(tokens.shape[0], device=self.device)
+        return self._logits(self._hidden(tokens, lengths, slots, arena, groups), groups)
+
+    @property
+    def can_prefill(self) -> bool:
+        """`prefill` runs here (the fused kernels take a row's slot; the eager ops do not)."""
+        return self.fused
+
+    @torch.no_grad()
+    def prefill(self, chunks: Sequence["PrefillChunk"]) -> list["Prefilled"]:
+        """Prompt chunks through the decode step, every chunk token a row: a chunk's rows
+        share one slot of a scratch arena at successive positions, so each row attends to
+        the prompt's positions up to its own (causal, no padding). One forward for all
+        chunks, whatever their lengths and prefixes; logits only for chunks that end a
+        prompt (`last`)."""
+        arena = self.arena()
+        arena.reserve(len(chunks), max(c.start + len(c.tokens) for c in chunks) + 16)
+        for slot, chunk in enumerate(chunks):
+            if chunk.start:
+                arena.write_prompt(slot, chunk.prefix)
+        arena.rows = len(chunks)
+        device = self.device
+        tokens = torch.tensor([t for c in chunks for t in c.tokens], device=device)
+        positions = torch.cat(
+            [torch.arange(c.start, c.start + len(c.tokens), device=device) for c in chunks]
+        )
+        slots = torch.cat(
+            [torch.full((len(c.tokens),), i, device=device) for i, c in enumerate(chunks)]
+        )
+        routes = [c.route for c in chunks for _ in c.tokens]
+        hidden = self._hidden(tokens, positions, slots, arena, route_groups(routes, device))
+        ends = torch.tensor([len(c.tokens) for c in chunks]).cumsum(0) - 1
+        last = [i for i, c in enumerate(chunks) if c.last]
+        logits = None
+        if last:
+            rows = ends[torch.tensor(last)].to(device)
+            logits = self._logits(
+                hidden[rows], route_groups([chunks[i].route for i in last], device)
+            )
+        out = []
+        for i, chunk in enumerate(chunks):
+            n = chunk.start + len(chunk.tokens)
+            kv = [
+                (
+                    _positions(k, arena.keys_transposed)[i : i + 1, :, :n].contiguous(),
+                    v[i : i + 1, :, :n].clone(),
+                )
+                for k, v in zip(arena.keys, arena.values, strict=True)
+            ]
+            begin = int(ends[i]) - len(chunk.tokens) + 1
+            row_logits = logits[last.index(i)] if chunk.last and logits is not None else None
+            out.append(Prefilled(hidden[begin : int(ends[i]) + 1], kv, row_logits))
+        return out
+
+    def _logits(self, hidden: torch.Tensor, groups: Groups) -> torch.Tensor:
+        logits = self.head(hidden, groups, self.adapters)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()
+
+    def _hidden(
+        self,
+        tokens: torch.Tensor,
+        lengths: torch.Tensor,
+        slots: torch.Tensor,
+        arena: KVArena,
+        groups: Groups,
+    ) -> torch.Tensor:
+        """The final norm's output (rows, hidden) for each row's token `tokens[r]` at
+        position `lengths[r]` of arena slot `slots[r]` (the eager ops: slot r), writing
+        that token's keys and values there."""
         rows = tokens.shape[0]
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         # (+16: the fused attention reads whole blocks of up to 16 positions past a row's last)
-        arena.reserve(rows, int(lengths.max()) + 1 + (16 if self.fused else 0))
+        arena.reserve(int(slots.max()) + 1, int(lengths.max()) + 1 + (16 if self.fused else 0))
         width = arena.capacity[1]
         cos, sin = self._rope(lengths)
         fused = self.fused
@@ -369,8 +475,9 @@ class Decoder:
                 qk = torch.cat((norm(q, layer.q_norm), norm(k, layer.k_norm)), 1)
             keys, values = arena.keys[i], arena.values[i]
             if fused:
-                q = _ops().rope_store(qk, v, cos, sin, keys, values, lengths, heads)
-                attn = _ops().attend(q, keys, values, lengths, self.windows[i] or 0, self.scaling)
+                q = _ops().rope_store(qk, v, cos, sin, keys, values, lengths, slots, heads)
+                window = self.windows[i] or 0
+                attn = _ops().attend(q, keys, values, lengths, slots, window, self.scaling)
             else:
                 qk = qk * cos + _rotate_half(qk) * sin  # RoPE on queries and keys at once
                 keys.view(-1, dim).index_copy_(0, at, qk[:, heads:].reshape(-1, dim).to(keys.dtype))
@@ -380,11 +487,7 @@ class Decoder:
             x = x + layer.o(attn, groups, lora)
             up = layer.gate_up(norm(x, layer.ln2), groups, lora)
             x = x + layer.down(_ops().silu_mul(up) if fused else _silu_mul(up), groups, lora)
-        logits = self.head(norm(x, self.norm), groups, lora)
-        cap = getattr(self.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits.float()
+        return norm(x, self.norm)
 
     def _norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         if self.fused and norm.weight.dtype == x.dtype:

@@ -280,16 +280,39 @@ class SampleEngine:
             ends[id(unit)] = unit.done + take
             budget -= take
         chosen = [u for u in units if id(u) in ends]
+        batch = self._batch_kind() if self.own_decoder else None
+        if isinstance(batch, ArenaBatch) and batch.decoder.can_prefill:
+            self._prefill_decoder(batch.decoder, chosen, [ends[id(u)] for u in chosen])
+            chosen = []  # done in that one pass
         by_done: dict[int, list[_Unit]] = {}
         for unit in chosen:
             by_done.setdefault(unit.done, []).append(unit)
         for group in by_done.values():
             group.sort(key=lambda u: u.route or "")
             self._prefill_pass(group, [ends[id(u)] for u in group])
-        for unit in chosen:
+        for unit in (u for u in units if id(u) in ends):
             if unit.done == len(unit.prompt):
                 self._join(unit)
         self._pending = [u for u in self._pending if u.done < len(u.prompt)]
+
+    def _prefill_decoder(self, dec: decoder.Decoder, units: list[_Unit], ends: list[int]) -> None:
+        """Positions [done, end) of every unit in one pass of tinkerd's decode step, each
+        prompt token a row (decoder.prefill): no padding, whatever the units' lengths and
+        cached prefixes."""
+        chunks = [
+            decoder.PrefillChunk(
+                u.prompt[u.done : end], u.done, u.kv, u.route, end == len(u.prompt)
+            )
+            for u, end in zip(units, ends, strict=True)
+        ]
+        with torch.autocast(self.device.type, enabled=False):  # the decoder sets its dtypes
+            results = dec.prefill(chunks)
+        for u, end, got in zip(units, ends, results, strict=True):
+            u.kv = got.kv
+            u.hiddens.append(got.hidden)
+            if got.logits is not None:
+                u.logits = got.logits
+            u.done = end
 
     def _prefill_pass(self, units: list[_Unit], ends: list[int]) -> None:
         """Positions [c, end) of units that have `c` positions of KV each, in one pass: the

@@ -134,7 +134,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 template <typename T>
 void rope_store_impl(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& cos,
                      const at::Tensor& sin, at::Tensor& keys, at::Tensor& values,
-                     const at::Tensor& positions, int64_t heads, at::Tensor& q_out) {
+                     const at::Tensor& positions, const at::Tensor& slots, int64_t heads,
+                     at::Tensor& q_out) {
   const int64_t rows = qk.size(0), all_heads = qk.size(1), dim = qk.size(2);
   const int64_t kv_heads = all_heads - heads, width = keys.size(3), half = dim / 2;
   const int64_t qks = qk.stride(0), qkh = qk.stride(1), vs = v.stride(0);
@@ -146,6 +147,7 @@ void rope_store_impl(const at::Tensor& qk, const at::Tensor& v, const at::Tensor
   T* valp = values.data_ptr<T>();
   T* qp = q_out.data_ptr<T>();
   const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
   parallel_for(rows, grain(all_heads * dim), [&](int64_t begin, int64_t end) {
     std::vector<T> key(dim);
     for (int64_t r = begin; r < end; ++r) {
@@ -170,22 +172,40 @@ void rope_store_impl(const at::Tensor& qk, const at::Tensor& v, const at::Tensor
           dst[d] = static_cast<T>(static_cast<float>(a) + static_cast<float>(b));
         }
         if (h >= heads) {  // keys are stored transposed: (dim, width) per slot and head
-          T* column = kp + ((r * kv_heads) + (h - heads)) * dim * width + pos[r];
+          T* column = kp + ((slot[r] * kv_heads) + (h - heads)) * dim * width + pos[r];
           for (int64_t i = 0; i < dim; ++i) column[i * width] = key[i];
         }
       }
       for (int64_t h = 0; h < kv_heads; ++h) {
         const T* src = vp + r * vs + h * dim;
-        T* dst = valp + (((r * kv_heads) + h) * width + pos[r]) * dim;
+        T* dst = valp + (((slot[r] * kv_heads) + h) * width + pos[r]) * dim;
         std::copy(src, src + dim, dst);
       }
     }
   });
 }
 
+// Row r's slot in the arena: `slots[r]` (rows of one prompt's chunk share a slot at
+// successive positions; a decode step's row r is slot r). Checked: slots in range, positions
+// within the width.
+void check_rows(const at::Tensor& positions, const at::Tensor& slots, int64_t rows,
+                const at::Tensor& arena, int64_t width) {
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() &&
+                  positions.numel() == rows,
+              "positions: (rows,) int64");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == rows,
+              "slots: (rows,) int64");
+  const int64_t* p = positions.data_ptr<int64_t>();
+  const int64_t* s = slots.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(s[r] >= 0 && s[r] < arena.size(0), "slot out of the arena");
+    TORCH_CHECK(p[r] >= 0 && p[r] < width, "position out of the arena");
+  }
+}
+
 at::Tensor rope_store(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& cos,
                       const at::Tensor& sin, at::Tensor keys, at::Tensor values,
-                      const at::Tensor& positions, int64_t heads) {
+                      const at::Tensor& positions, const at::Tensor& slots, int64_t heads) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&qk, &v, &cos, &sin, &keys, &values}) {
     check_cpu(*t, "rope_store tensors");
     TORCH_CHECK(t->scalar_type() == qk.scalar_type(), "rope_store: one dtype for every tensor");
@@ -193,14 +213,13 @@ at::Tensor rope_store(const at::Tensor& qk, const at::Tensor& v, const at::Tenso
   TORCH_CHECK(qk.dim() == 3 && qk.stride(2) == 1, "qk: (rows, heads, dim), dim contiguous");
   TORCH_CHECK(keys.is_contiguous() && values.is_contiguous(), "the arena must be contiguous");
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous(), "cos/sin must be contiguous");
-  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous(), "positions: int64");
-  TORCH_CHECK(keys.size(0) >= qk.size(0) && positions.size(0) == qk.size(0), "rows");
+  check_rows(positions, slots, qk.size(0), keys, keys.size(3));
   at::Tensor q = at::empty({qk.size(0), heads, qk.size(2)}, qk.options());
   if (qk.scalar_type() == at::kFloat) {
-    rope_store_impl<float>(qk, v, cos, sin, keys, values, positions, heads, q);
+    rope_store_impl<float>(qk, v, cos, sin, keys, values, positions, slots, heads, q);
   } else {
     TORCH_CHECK(qk.scalar_type() == at::kBFloat16, "float32 or bfloat16 only");
-    rope_store_impl<c10::BFloat16>(qk, v, cos, sin, keys, values, positions, heads, q);
+    rope_store_impl<c10::BFloat16>(qk, v, cos, sin, keys, values, positions, slots, heads, q);
   }
   return q;
 }
@@ -270,7 +289,8 @@ void attend_head(const float* qf, const T* kt, const T* v, int64_t first, int64_
 
 template <typename T, int G>
 void attend_impl(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
-                 const at::Tensor& positions, int64_t window, double scaling, at::Tensor& out) {
+                 const at::Tensor& positions, const at::Tensor& slots, int64_t window,
+                 double scaling, at::Tensor& out) {
   const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t kv_heads = keys.size(1), width = keys.size(3);
   const T* qp = q.data_ptr<T>();
@@ -278,6 +298,7 @@ void attend_impl(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& 
   const T* vp = values.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* slot_of = slots.data_ptr<int64_t>();
   const float scale = static_cast<float>(scaling);
   parallel_for(rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(G * dim), acc(G * dim), scores;
@@ -287,7 +308,7 @@ void attend_impl(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& 
       const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
       const T* qh = qp + (r * heads + h * G) * dim;
       for (int64_t i = 0; i < G * dim; ++i) qf[i] = static_cast<float>(qh[i]) * scale;
-      const int64_t slot = r * kv_heads + h;
+      const int64_t slot = slot_of[r] * kv_heads + h;
       attend_head<T, G>(qf.data(), kp + slot * dim * width, vp + slot * width * dim, first,
                         last - first + 1, width, dim, scores, acc.data());
       T* o = op + (r * heads + h * G) * dim;
@@ -298,22 +319,24 @@ void attend_impl(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& 
 
 template <typename T>
 void attend_dispatch(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
-                     const at::Tensor& positions, int64_t window, double scaling, at::Tensor& out) {
+                     const at::Tensor& positions, const at::Tensor& slots, int64_t window,
+                     double scaling, at::Tensor& out) {
   switch (q.size(1) / keys.size(1)) {
-    case 1: return attend_impl<T, 1>(q, keys, values, positions, window, scaling, out);
-    case 2: return attend_impl<T, 2>(q, keys, values, positions, window, scaling, out);
-    case 3: return attend_impl<T, 3>(q, keys, values, positions, window, scaling, out);
-    case 4: return attend_impl<T, 4>(q, keys, values, positions, window, scaling, out);
-    case 5: return attend_impl<T, 5>(q, keys, values, positions, window, scaling, out);
-    case 6: return attend_impl<T, 6>(q, keys, values, positions, window, scaling, out);
-    case 7: return attend_impl<T, 7>(q, keys, values, positions, window, scaling, out);
-    case 8: return attend_impl<T, 8>(q, keys, values, positions, window, scaling, out);
+    case 1: return attend_impl<T, 1>(q, keys, values, positions, slots, window, scaling, out);
+    case 2: return attend_impl<T, 2>(q, keys, values, positions, slots, window, scaling, out);
+    case 3: return attend_impl<T, 3>(q, keys, values, positions, slots, window, scaling, out);
+    case 4: return attend_impl<T, 4>(q, keys, values, positions, slots, window, scaling, out);
+    case 5: return attend_impl<T, 5>(q, keys, values, positions, slots, window, scaling, out);
+    case 6: return attend_impl<T, 6>(q, keys, values, positions, slots, window, scaling, out);
+    case 7: return attend_impl<T, 7>(q, keys, values, positions, slots, window, scaling, out);
+    case 8: return attend_impl<T, 8>(q, keys, values, positions, slots, window, scaling, out);
     default: TORCH_CHECK(false, "attend: GQA groups of 1 to 8 queries only");
   }
 }
 
 at::Tensor attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
-                  const at::Tensor& positions, int64_t window, double scaling) {
+                  const at::Tensor& positions, const at::Tensor& slots, int64_t window,
+                  double scaling) {
   for (const at::Tensor* t : {&q, &keys, &values}) {
     check_cpu(*t, "attend tensors");
     TORCH_CHECK(t->is_contiguous() && t->scalar_type() == q.scalar_type(),
@@ -322,14 +345,13 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor&
   TORCH_CHECK(q.size(1) % keys.size(1) == 0, "heads must be a multiple of kv heads");
   TORCH_CHECK(q.size(2) % kVec == 0 && keys.size(2) == q.size(2), "head dim: a multiple of the vector width");
   TORCH_CHECK(values.size(2) == keys.size(3), "keys (slots, heads, dim, width), values (slots, heads, width, dim)");
-  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous(), "positions: int64");
-  TORCH_CHECK(keys.size(0) >= q.size(0) && positions.size(0) == q.size(0), "rows");
+  check_rows(positions, slots, q.size(0), keys, keys.size(3));
   at::Tensor out = at::empty({q.size(0), q.size(1) * q.size(2)}, q.options());
   if (q.scalar_type() == at::kFloat) {
-    attend_dispatch<float>(q, keys, values, positions, window, scaling, out);
+    attend_dispatch<float>(q, keys, values, positions, slots, window, scaling, out);
   } else {
     TORCH_CHECK(q.scalar_type() == at::kBFloat16, "float32 or bfloat16 only");
-    attend_dispatch<c10::BFloat16>(q, keys, values, positions, window, scaling, out);
+    attend_dispatch<c10::BFloat16>(q, keys, values, positions, slots, window, scaling, out);
   }
   return out;
 }
@@ -380,9 +402,9 @@ TORCH_LIBRARY(tinkerd_decode, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
   m.def(
       "rope_store(Tensor qk, Tensor v, Tensor cos, Tensor sin, Tensor(a!) keys, Tensor(b!) values, "
-      "Tensor positions, int heads) -> Tensor",
+      "Tensor positions, Tensor slots, int heads) -> Tensor",
       &rope_store);
-  m.def("attend(Tensor q, Tensor keys, Tensor values, Tensor positions, int window, float scaling) -> Tensor",
+  m.def("attend(Tensor q, Tensor keys, Tensor values, Tensor positions, Tensor slots, int window, float scaling) -> Tensor",
         &attend);
   m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
 }
