@@ -257,7 +257,10 @@ class KVArena:
                 (new_rows, heads, dim, new_pos) if transposed else (new_rows, heads, new_pos, dim)
             )
             for i in range(layers):
-                fresh = torch.zeros(size, dtype=self.dtype, device=self.device)
+                # The eager attention reads whole slots (masked: must be finite), the fused
+                # one only what rows wrote: no fill needed.
+                alloc = torch.empty if self.keys_transposed else torch.zeros
+                fresh = alloc(size, dtype=self.dtype, device=self.device)
                 if store and self.rows:
                     _positions(fresh, transposed)[: self.rows, :, :have_pos] = _positions(
                         store[i], transposed
