@@ -203,3 +203,31 @@ def test_unbuildable_kernels_fall_back(
         assert not list(tmp_path.rglob("*.so"))
     finally:
         kernels.load.cache_clear()
+
+
+def test_rows_sharing_a_slot_attend_causally(ops: object) -> None:
+    """A prompt's rows in one slot at successive positions (how `Decoder.prefill` runs a
+    chunk): each row's key lands at its position, and each row attends to the positions up
+    to its own only, as causal attention over the prompt would. Slots or positions outside
+    the arena are refused."""
+    heads, kv_heads, dim, width = 4, 2, 16, 32
+    t = _rope_inputs(torch.float32, 5, heads, kv_heads, dim, width)
+    positions, slots = torch.tensor([0, 1, 2, 3, 0]), torch.tensor([1, 1, 1, 1, 0])
+    q = ops.rope_store(  # type: ignore[attr-defined]
+        t["qk"], t["v"], t["cos"], t["sin"], t["keys"], t["values"], positions, slots, heads
+    )
+    got = ops.attend(q, t["keys"], t["values"], positions, slots, 0, 0.25)  # type: ignore[attr-defined]
+    for r in range(5):
+        # Row r alone, against its slot as it stands after every row's write.
+        alone = ops.attend(  # type: ignore[attr-defined]
+            q[r : r + 1], t["keys"], t["values"], positions[r : r + 1], slots[r : r + 1], 0, 0.25
+        )
+        assert torch.equal(got[r : r + 1], alone)
+    want = _attention_reference(
+        q[:4], t["keys"][[1] * 4], t["values"][[1] * 4], [0, 1, 2, 3], 0, 0.25
+    )
+    assert_close_scaled(got[:4], want, terms=width + dim)
+    with pytest.raises(RuntimeError, match="slot out of the arena"):
+        ops.attend(q, t["keys"], t["values"], positions, slots + 10, 0, 0.25)  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError, match="position out of the arena"):
+        ops.attend(q, t["keys"], t["values"], positions + width, slots, 0, 0.25)  # type: ignore[attr-defined]

@@ -127,10 +127,10 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 
 // RoPE on queries and keys (transformers' `x * cos + rotate_half(x) * sin`, each product and
 // the sum rounded to the dtype), then each row's key and value written into the KV arena at
-// the row's position. qk: (rows, heads + kv_heads, dim), rows of any stride; v: (rows,
-// kv_heads * dim), rows of any stride; cos, sin: (rows, dim); keys, values: (slots, kv_heads,
-// width, dim) contiguous, keys transposed: (slots, kv_heads, dim, width); positions: (rows,)
-// int64. Returns the rotated queries (rows, heads, dim).
+// the row's slot and position. qk: (rows, heads + kv_heads, dim), rows of any stride; v:
+// (rows, kv_heads * dim), rows of any stride; cos, sin: (rows, dim); keys, values: (slots,
+// kv_heads, width, dim) contiguous, keys transposed: (slots, kv_heads, dim, width);
+// positions, slots: (rows,) int64. Returns the rotated queries (rows, heads, dim).
 template <typename T>
 void rope_store_impl(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& cos,
                      const at::Tensor& sin, at::Tensor& keys, at::Tensor& values,
@@ -226,9 +226,11 @@ at::Tensor rope_store(const at::Tensor& qk, const at::Tensor& v, const at::Tenso
 
 // softmax(q K^T * scaling) V over each row's positions (all up to and including its own
 // position, or the last `window` of them), GQA groups sharing their key/value head; float32
-// inside. q: (rows, heads, dim) contiguous; keys: (slots, kv_heads, dim, width) (transposed:
-// a block of kVec positions is one vector per dim); values: (slots, kv_heads, width, dim);
-// positions: (rows,) int64. Returns (rows, heads * dim).
+// inside, reading row r's slot `slots[r]` (a prompt's rows share one: each attends up to its
+// own position, which is causal attention). q: (rows, heads, dim) contiguous; keys: (slots,
+// kv_heads, dim, width) (transposed: a block of kVec positions is one vector per dim);
+// values: (slots, kv_heads, width, dim); positions, slots: (rows,) int64. Returns (rows,
+// heads * dim).
 
 // scores[g][0..kVec) = q_g . k_p for kVec positions from kt (one head's keys, (dim, width)).
 template <typename T, int G>
