@@ -12,6 +12,10 @@ relative) of the float64 reference plus float32 summation error.
 """
 
 import logging
+import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -231,3 +235,32 @@ def test_rows_sharing_a_slot_attend_causally(ops: object) -> None:
         ops.attend(q, t["keys"], t["values"], positions, slots + 10, 0, 0.25)  # type: ignore[attr-defined]
     with pytest.raises(RuntimeError, match="position out of the arena"):
         ops.attend(q, t["keys"], t["values"], positions + width, slots, 0, 0.25)  # type: ignore[attr-defined]
+
+
+def _has_avx2() -> bool:
+    flags = kernels._cpu_flags().split()
+    return platform.machine() == "x86_64" and "avx2" in flags and "fma" in flags
+
+
+@pytest.mark.skipif(not _has_avx2(), reason="needs an x86 CPU with AVX2 and FMA")
+def test_avx2_build_passes_these_tests(tmp_path: Path) -> None:
+    """The kernels as built on an AVX2-only CPU (`-march=haswell`: 8-lane vectors, no
+    AVX512) pass this file's other tests. They run in a subprocess, since a second build of
+    the same op namespace cannot load in this process."""
+    here = Path(__file__).resolve()
+    code = (
+        "import sys, pytest, tinkerd.model.kernels as k\n"
+        "k.FLAGS[k.FLAGS.index('-march=native')] = '-march=haswell'\n"
+        f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', 'not avx2', {str(here)!r}]))"
+    )
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=here.parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "passed" in done.stdout and len(list(tmp_path.rglob("*.so"))) == 1
