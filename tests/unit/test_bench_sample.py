@@ -18,7 +18,7 @@ KEYS = [
 
 
 def test_sample_bench_reports_all_figures(tiny_model_dir: Path, tmp_path: Path) -> None:
-    for engine in ("continuous", "transformers", "static"):
+    for engine in ("continuous", "eager", "transformers", "static"):
         cfg = SampleBenchConfig(
             model=str(tiny_model_dir),
             data_dir=tmp_path,
