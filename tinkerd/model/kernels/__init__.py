@@ -8,7 +8,7 @@ each, with the same rounding as the eager ops (attention stays in float32 inside
 The library is built with the machine's C++ compiler (`g++ -O3 -march=native`: the build is
 for the CPU it runs on) against the installed torch, once per source/torch/CPU combination,
 into `$XDG_CACHE_HOME/tinkerd/kernels` (default `~/.cache/tinkerd/kernels`); later processes
-load the cached `.so`. Building takes ~15-30 s. Where it cannot be built (no compiler, a torch
+load the cached `.so`. Building takes ~10-15 s on 2 cores. Where it cannot be built (no compiler, a torch
 without headers) the decoder keeps its eager ops and logs why, once. `Settings.decode_kernels`
 (`TINKERD_DECODE_KERNELS=false`) turns them off: the eager path, for comparison or debugging.
 
@@ -93,7 +93,7 @@ def _build() -> Path:
             "-lc10",
             "-ltorch_cpu",
         ]
-        log.info("building the decode kernels (once per machine, ~30 s): %s", target)
+        log.info("building the decode kernels (once per machine, ~15 s): %s", target)
         done = subprocess.run(command, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
