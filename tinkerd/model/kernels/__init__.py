@@ -8,13 +8,14 @@ each, with the same rounding as the eager ops (attention stays in float32 inside
 The library is built with the machine's C++ compiler (`g++ -O3 -march=native`: the build is
 for the CPU it runs on) against the installed torch, once per source/torch/CPU combination,
 into `$XDG_CACHE_HOME/tinkerd/kernels` (default `~/.cache/tinkerd/kernels`); later processes
-load the cached `.so`. Building takes ~10-15 s on 2 cores. Where it cannot be built (no compiler, a torch
-without headers) the decoder keeps its eager ops and logs why, once. `Settings.decode_kernels`
-(`TINKERD_DECODE_KERNELS=false`) turns them off: the eager path, for comparison or debugging.
+load the cached `.so`. Building takes ~10-15 s on 2 cores. Where it cannot be built (no
+compiler, a torch without headers) the decoder keeps its eager ops and logs why, once.
+`Settings.decode_kernels` (`TINKERD_DECODE_KERNELS=false`) turns them off: the eager path, for
+comparison or debugging.
 
-OpenMP: `-fopenmp` makes ATen's inlined `parallel_for` parallel here; the library's libgomp
-dependency resolves to the one torch already loaded (same soname), so it shares torch's
-thread pool (engine/threads.py).
+OpenMP: the kernels' loops are OpenMP parallel regions on the calling thread's team
+(`-fopenmp`); the library's libgomp dependency resolves to the one torch already loaded (same
+soname), so they share the scheduler thread's pool (engine/threads.py).
 """
 
 import functools
