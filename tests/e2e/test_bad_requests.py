@@ -11,6 +11,8 @@ user never fails another user's request that is in flight with it.
 import itertools
 import json
 import math
+import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -686,3 +688,25 @@ def test_bodies_over_the_size_limit_get_413(small_server: Server) -> None:
     )
     assert_rejected(proto_stream, "4096", status=413)
     assert httpx.get(f"{url}/healthz").status_code == 200
+
+
+def test_client_gone_mid_body_is_not_a_400(server: Server) -> None:
+    """A client that disconnects before its whole body arrived (the SDK's futures poller,
+    cancelled at shutdown, does) is answered 499, client closed request: FastAPI's
+    "error parsing the body" 400 would count as a caller error nobody made."""
+    url = httpx.URL(server.base_url)
+    before = server.count_in_log('"POST /api/v1/retrieve_futures HTTP/1.1" 499')
+    head = (
+        "POST /api/v1/retrieve_futures HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        "Content-Type: application/json\r\nX-API-Key: tml-e2e\r\nContent-Length: 200\r\n\r\n"
+    )
+    with socket.create_connection((url.host, url.port), timeout=10) as conn:
+        conn.sendall(head.encode() + b'{"target": {')
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if server.count_in_log('"POST /api/v1/retrieve_futures HTTP/1.1" 499') > before:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("no 499 logged for the abandoned request:\n" + server.log()[-2000:])
+    assert httpx.get(f"{server.base_url}/api/v1/healthz", timeout=10).status_code == 200

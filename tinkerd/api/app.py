@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import torch
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tinkerd import logs
@@ -421,8 +423,20 @@ def create_app(settings: Settings) -> FastAPI:
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse({"detail": exc.message}, status_code=exc.status)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # FastAPI answers a body it could not read with 400; when that is because the client
+        # went away mid-request (an SDK poller cancelled at shutdown), nobody gets an error:
+        # 499 (client closed request) keeps it out of the 4xx the caller caused.
+        if exc.status_code == 400 and await request.is_disconnected():
+            return JSONResponse({"detail": "the client closed the request"}, status_code=499)
+        return await http_exception_handler(request, exc)
+
     @app.exception_handler(KeyError)
-    async def missing_field(_: Request, exc: KeyError) -> JSONResponse:
+    async def missing_field(request: Request, exc: KeyError) -> JSONResponse:
+        # Meant for a payload's missing key; logged with its traceback, since a KeyError
+        # from the server's own state would also end here.
+        log.info("%s %s: KeyError %s", request.method, request.url.path, exc, exc_info=exc)
         return JSONResponse({"detail": f"missing field {exc.args[0]!r}"}, status_code=400)
 
     @app.exception_handler(RequestValidationError)

@@ -473,7 +473,8 @@ def _results(
     )
     print(f"HTTP statuses in the server's access log during the load: {statuses}")
     failures = failure_lines(rec.outcomes)
-    http_errors = sum(n for status, n in statuses.items() if int(status) >= 400)
+    # 499: the client closed the request (an SDK poller cancelled at its shutdown).
+    http_errors = sum(n for status, n in statuses.items() if int(status) >= 400 and status != "499")
     problems = [f"failed request: {line}" for line in failures]
     if http_errors:
         problems.append(f"{http_errors} responses with status >= 400 (the SDK may have retried)")
