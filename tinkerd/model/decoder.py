@@ -252,14 +252,14 @@ class KVArena:
             step = max(self.block, have_pos // 8)
             new_pos = -(-max(positions, have_pos + step) // self.block) * self.block
         layers, heads, dim = self.shape
+        # The eager attention reads whole slots (masked: must be finite), the fused one only
+        # what rows wrote: no fill needed.
+        alloc = torch.empty if self.keys_transposed else torch.zeros
         for store, transposed in ((self.keys, self.keys_transposed), (self.values, False)):
             size = (
                 (new_rows, heads, dim, new_pos) if transposed else (new_rows, heads, new_pos, dim)
             )
             for i in range(layers):
-                # The eager attention reads whole slots (masked: must be finite), the fused
-                # one only what rows wrote: no fill needed.
-                alloc = torch.empty if self.keys_transposed else torch.zeros
                 fresh = alloc(size, dtype=self.dtype, device=self.device)
                 if store and self.rows:
                     _positions(fresh, transposed)[: self.rows, :, :have_pos] = _positions(
@@ -411,12 +411,13 @@ class Decoder:
         hidden = self._hidden(tokens, positions, slots, arena, route_groups(routes, device))
         ends = torch.tensor([len(c.tokens) for c in chunks]).cumsum(0) - 1
         last = [i for i, c in enumerate(chunks) if c.last]
-        logits = None
+        logits: list[torch.Tensor] = []
         if last:
             rows = ends[torch.tensor(last)].to(device)
-            logits = self._logits(
-                hidden[rows], route_groups([chunks[i].route for i in last], device)
+            logits = list(
+                self._logits(hidden[rows], route_groups([chunks[i].route for i in last], device))
             )
+        in_order = iter(logits)  # the last chunks' logits, in chunk order
         out = []
         for i, chunk in enumerate(chunks):
             n = chunk.start + len(chunk.tokens)
@@ -428,7 +429,7 @@ class Decoder:
                 for k, v in zip(arena.keys, arena.values, strict=True)
             ]
             begin = int(ends[i]) - len(chunk.tokens) + 1
-            row_logits = logits[last.index(i)] if chunk.last and logits is not None else None
+            row_logits = next(in_order) if chunk.last else None
             out.append(Prefilled(hidden[begin : int(ends[i]) + 1], kv, row_logits))
         return out
 

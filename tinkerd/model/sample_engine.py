@@ -283,14 +283,14 @@ class SampleEngine:
         batch = self._batch_kind() if self.own_decoder else None
         if isinstance(batch, ArenaBatch) and batch.decoder.can_prefill:
             self._prefill_decoder(batch.decoder, chosen, [ends[id(u)] for u in chosen])
-            chosen = []  # done in that one pass
-        by_done: dict[int, list[_Unit]] = {}
+        else:
+            by_done: dict[int, list[_Unit]] = {}
+            for unit in chosen:
+                by_done.setdefault(unit.done, []).append(unit)
+            for group in by_done.values():
+                group.sort(key=lambda u: u.route or "")
+                self._prefill_pass(group, [ends[id(u)] for u in group])
         for unit in chosen:
-            by_done.setdefault(unit.done, []).append(unit)
-        for group in by_done.values():
-            group.sort(key=lambda u: u.route or "")
-            self._prefill_pass(group, [ends[id(u)] for u in group])
-        for unit in (u for u in units if id(u) in ends):
             if unit.done == len(unit.prompt):
                 self._join(unit)
         self._pending = [u for u in self._pending if u.done < len(u.prompt)]

@@ -73,6 +73,17 @@ void parallel_for(int64_t n, int64_t min_chunk, const F& f) {
   }
 }
 
+// f(float{}) or f(BF16{}) by t's dtype: the element type each kernel is instantiated for.
+template <typename F>
+void by_dtype(const at::Tensor& t, const F& f) {
+  if (t.scalar_type() == at::kFloat) {
+    f(float{});
+  } else {
+    TORCH_CHECK(t.scalar_type() == at::kBFloat16, "float32 or bfloat16 only");
+    f(BF16{});
+  }
+}
+
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
   TORCH_CHECK(t.stride(-1) == 1, name, " must be contiguous in its last dimension");
@@ -116,12 +127,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const auto shape = x.sizes().vec();
   const at::Tensor rows = x.dim() == 2 ? x : x.reshape({-1, x.size(-1)});
   at::Tensor out = at::empty({rows.size(0), rows.size(1)}, x.options());
-  if (x.scalar_type() == at::kFloat) {
-    rms_norm_impl<float>(rows, weight, out, eps);
-  } else {
-    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "float32 or bfloat16 only");
-    rms_norm_impl<c10::BFloat16>(rows, weight, out, eps);
-  }
+  by_dtype(x, [&](auto t) { rms_norm_impl<decltype(t)>(rows, weight, out, eps); });
   return out.view(shape);
 }
 
@@ -215,12 +221,9 @@ at::Tensor rope_store(const at::Tensor& qk, const at::Tensor& v, const at::Tenso
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous(), "cos/sin must be contiguous");
   check_rows(positions, slots, qk.size(0), keys, keys.size(3));
   at::Tensor q = at::empty({qk.size(0), heads, qk.size(2)}, qk.options());
-  if (qk.scalar_type() == at::kFloat) {
-    rope_store_impl<float>(qk, v, cos, sin, keys, values, positions, slots, heads, q);
-  } else {
-    TORCH_CHECK(qk.scalar_type() == at::kBFloat16, "float32 or bfloat16 only");
-    rope_store_impl<c10::BFloat16>(qk, v, cos, sin, keys, values, positions, slots, heads, q);
-  }
+  by_dtype(qk, [&](auto t) {
+    rope_store_impl<decltype(t)>(qk, v, cos, sin, keys, values, positions, slots, heads, q);
+  });
   return q;
 }
 
@@ -349,12 +352,9 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor&
   TORCH_CHECK(values.size(2) == keys.size(3), "keys (slots, heads, dim, width), values (slots, heads, width, dim)");
   check_rows(positions, slots, q.size(0), keys, keys.size(3));
   at::Tensor out = at::empty({q.size(0), q.size(1) * q.size(2)}, q.options());
-  if (q.scalar_type() == at::kFloat) {
-    attend_dispatch<float>(q, keys, values, positions, slots, window, scaling, out);
-  } else {
-    TORCH_CHECK(q.scalar_type() == at::kBFloat16, "float32 or bfloat16 only");
-    attend_dispatch<c10::BFloat16>(q, keys, values, positions, slots, window, scaling, out);
-  }
+  by_dtype(q, [&](auto t) {
+    attend_dispatch<decltype(t)>(q, keys, values, positions, slots, window, scaling, out);
+  });
   return out;
 }
 
@@ -389,12 +389,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
               "gate_up: (rows, 2 * inner) contiguous");
   at::Tensor out = at::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
-  if (gate_up.scalar_type() == at::kFloat) {
-    silu_mul_impl<float>(gate_up, out);
-  } else {
-    TORCH_CHECK(gate_up.scalar_type() == at::kBFloat16, "float32 or bfloat16 only");
-    silu_mul_impl<c10::BFloat16>(gate_up, out);
-  }
+  by_dtype(gate_up, [&](auto t) { silu_mul_impl<decltype(t)>(gate_up, out); });
   return out;
 }
 
