@@ -67,10 +67,14 @@ def sliding_windows(config: object, layers: int) -> list[int | None]:
 
 
 def mkldnn_packing(device: torch.device, dtype: torch.dtype) -> bool:
-    """oneDNN's pre-packed linear is available (CPU builds of torch, float32/bfloat16)."""
+    """oneDNN's pre-packed linear is available (CPU builds of torch, float32; bfloat16 only
+    where oneDNN has a bf16 path: AVX512 or AVX-NE-CONVERT, else its reorder raises)."""
     return (
         device.type == "cpu"
-        and dtype in (torch.float32, torch.bfloat16)
+        and (
+            dtype == torch.float32
+            or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        )
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
