@@ -1,7 +1,8 @@
 """The decoder's fused CPU kernels (tinkerd/model/kernels/decode_ops.cpp) against their eager
 ops and float64 references, in float32 and bfloat16, on the shapes that take their vector and
 scalar paths (head dims of one and several vectors, GQA groups of 1 to 8, sliding windows,
-rows whose last position sits in the arena's final block), and the build's fallback.
+rows whose last position sits in the arena's final block), the packed float32 linear, and the
+build's fallback.
 
 Tolerances: float32 results use `assert_close_scaled` with the length of the longest sum.
 bfloat16 results that follow the eager ops' rounding step for step (RoPE) must equal them;
@@ -64,6 +65,27 @@ def test_rms_norm(ops: object, width: int) -> None:
     fused = ops.rms_norm(xb, wb, eps)  # type: ignore[attr-defined]
     assert fused.dtype == torch.bfloat16
     torch.testing.assert_close(fused, eager, rtol=2 * BF16_ULP, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("out_features", "in_features"),
+    [(64, 576), (100, 37), (33, 1536)],  # whole panels; a partial last panel; long sums
+)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear(ops: object, out_features: int, in_features: int, bias: bool) -> None:
+    """The packed float32 linear for every row count up to two row blocks and past them
+    (whole blocks of 6 and each tail size), and no rows at all."""
+    gen = torch.Generator().manual_seed(out_features + in_features)
+    weight = torch.randn(out_features, in_features, generator=gen, dtype=torch.float64)
+    b = torch.randn(out_features, generator=gen, dtype=torch.float64) if bias else None
+    packed = ops.pack_linear(weight.float())  # type: ignore[attr-defined]
+    for rows in [*range(14), 64]:
+        x = torch.randn(rows, in_features, generator=gen, dtype=torch.float64)
+        got = ops.linear(x.float(), packed, out_features, None if b is None else b.float())  # type: ignore[attr-defined]
+        assert got.shape == (rows, out_features) and got.dtype == torch.float32
+        assert_close_scaled(got, torch.nn.functional.linear(x, weight, b), terms=in_features + 1)
+    with pytest.raises(RuntimeError, match="packed"):
+        ops.linear(torch.zeros(2, in_features), packed, out_features + 64, None)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("inner", [128, 1536, 72])

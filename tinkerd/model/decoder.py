@@ -6,8 +6,9 @@ more than the matmuls on a CPU. Its cache concatenates every layer's keys each s
 padding mask sends SDPA down a slow path (4 ms a layer at 64 rows, measured), and plain
 `F.linear` re-lays out each weight per call. Here the cache is an arena written in place, the
 attention is two batched matmuls with a length mask, and on CPU each layer's q/k/v and
-gate/up weights are fused and packed once into oneDNN's layout (a copy of the base's linear
-weights, made when the decoder is built; the base is frozen, so the copy never goes stale).
+gate/up weights are fused and packed once (a copy of the base's linear weights, made when the
+decoder is built; the base is frozen, so the copy never goes stale): float32 for the kernels'
+linear, bfloat16 for oneDNN's (`packing`).
 
 The arithmetic is transformers' (RMSNorm in float32 then scaled in the input dtype, RoPE from
 the model's own rotary module, softmax in float32), so a row's logits equal the transformers
@@ -18,7 +19,8 @@ everything else keeps the transformers path (`decode_batch.PaddedBatch`).
 LoRA: the base matmul runs on every row; each adapter's low-rank delta runs on its own rows
 (`Groups`), with the pinned (frozen) adapter's factors cast to the compute dtype once.
 
-Fused kernels (model/kernels: RMSNorm, RoPE + KV write, attention, SiLU gate): on CPU, when
+Fused kernels (model/kernels: RMSNorm, RoPE + KV write, attention, SiLU gate; the float32
+linear): on CPU, when
 the model runs in its own dtype (float32 or bfloat16 weights and compute), each replaces a run
 of small eager ops; elsewhere, or where they cannot be built, the eager ops below run.
 """
@@ -80,19 +82,35 @@ def mkldnn_packing(device: torch.device, dtype: torch.dtype) -> bool:
     )
 
 
+def packing(device: torch.device, dtype: torch.dtype, kernels_on: bool) -> str | None:
+    """How `Proj` lays out its weights: "kernel" (the kernels' float32 linear, which streams
+    the weights at 1-16 rows about 1.3-1.7x faster than oneDNN: BENCHMARKS.md), "mkldnn"
+    (oneDNN's packed linear), or None (plain `F.linear` on the base's weights, no copy)."""
+    if kernels_on and device.type == "cpu" and dtype == torch.float32 and kernels.load():
+        return "kernel"
+    return "mkldnn" if mkldnn_packing(device, dtype) else None
+
+
 class Proj:
     """The base part of one or more LoraLinears that read the same input (q/k/v, gate/up):
-    one fused matmul, packed for oneDNN on CPU; plain separate calls elsewhere (no copy)."""
+    one fused matmul over a packed copy of their weights on CPU (`packing`); plain separate
+    calls elsewhere (no copy)."""
 
-    def __init__(self, layers: Sequence[LoraLinear], dtype: torch.dtype, pack: bool) -> None:
+    def __init__(
+        self, layers: Sequence[LoraLinear], dtype: torch.dtype, pack: str | None
+    ) -> None:
         self.layers = list(layers)
         self.sizes = [layer.out_features for layer in layers]
         self.dtype = dtype
+        self.pack = pack
         self.packed: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
         if pack:
             weight = torch.cat([layer.base.weight.detach() for layer in layers]).to(dtype)
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 8)
+            if pack == "kernel":
+                self.packed = _ops().pack_linear(weight)
+            else:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 8)
             if any(layer.base.bias is not None for layer in layers):
                 self.bias = torch.cat(
                     [
@@ -105,7 +123,9 @@ class Proj:
 
     def __call__(self, x: torch.Tensor, groups: Groups, lora: "LoraCache") -> torch.Tensor:
         x = x.to(self.dtype)
-        if self.packed is not None:
+        if self.pack == "kernel":
+            out = _ops().linear(x, self.packed, sum(self.sizes), self.bias)
+        elif self.pack == "mkldnn":
             out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         else:
             outs = [
@@ -312,7 +332,7 @@ class Decoder:
         self.model_dtype = self.embed.weight.dtype
         self.dtype = compute_dtype
         self.device = self.embed.weight.device
-        pack = mkldnn_packing(self.device, compute_dtype)
+        pack = packing(self.device, compute_dtype, fused)
         layers = lora.layers
 
         def proj(*paths: str) -> Proj:

@@ -3,7 +3,9 @@
 Why: at decode each transformer layer runs ~50 small eager ops (RMSNorm, RoPE, the KV write,
 masked attention, SiLU); their per-op overhead took more of a step than the matmuls' weight
 reads (docs/architecture.md, BENCHMARKS.md). The four kernels here do those runs in one call
-each, with the same rounding as the eager ops (attention stays in float32 inside).
+each, with the same rounding as the eager ops (attention stays in float32 inside). A fifth,
+the float32 linear over weights packed into panels, streams the weights at the decode step's
+few rows faster than oneDNN's packed linear.
 
 The library is built with the machine's C++ compiler (`g++ -O3 -march=native`: the build is
 for the CPU it runs on) against the installed torch, once per source/torch/CPU combination,
