@@ -96,9 +96,7 @@ class Proj:
     one fused matmul over a packed copy of their weights on CPU (`packing`); plain separate
     calls elsewhere (no copy)."""
 
-    def __init__(
-        self, layers: Sequence[LoraLinear], dtype: torch.dtype, pack: str | None
-    ) -> None:
+    def __init__(self, layers: Sequence[LoraLinear], dtype: torch.dtype, pack: str | None) -> None:
         self.layers = list(layers)
         self.sizes = [layer.out_features for layer in layers]
         self.dtype = dtype
