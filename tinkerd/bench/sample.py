@@ -18,7 +18,8 @@ the decode step (what models without tinkerd's own decoder get), `--engine stati
 previous static-batch sampler (one batch at a time, no prefix cache), for comparison.
 Where a vLLM venv is given (`--vllm-python`, default `.vllm-venv` when `make vllm-venv` built
 it), (a)/(b) also run on vLLM through tinkerd's runner (engine/vllm_sampler.py), same prompts,
-seeds and dtype, in the same run. The last line printed is one JSON object with every figure.
+seeds and dtype, in the same run, and so do (c)'s arrivals (requests sent straight to the
+runner on the same schedule: no HTTP server in front of vLLM). The last line printed is one JSON object with every figure.
 """
 
 import dataclasses
@@ -26,6 +27,7 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,8 +181,10 @@ def run_generate(worker: ModelWorker, prompts: list[list[int]], samples: int, to
 def run_vllm(
     cfg: SampleBenchConfig, model_dir: Path, dtype: str, prompts: list[list[int]], info: object
 ) -> dict:
-    """(a) and (b) on vLLM (its own process, tinkerd's runner): tokens/s of one timed call
-    per shape after a warm-up. vLLM returns whole results only, so no time to first token."""
+    """(a), (b) and (c)'s arrivals on vLLM (its own process, tinkerd's runner): tokens/s of one
+    timed call per shape after a warm-up, and of the `concurrent` requests sent one by one on
+    (c)'s schedule straight to the runner (no HTTP server in front, unlike tinkerd's (c)).
+    vLLM returns whole results only, so no time to first token."""
     from tinkerd.engine.vllm_sampler import VllmConfig, VllmSampler
 
     assert cfg.vllm_python is not None
@@ -198,9 +202,67 @@ def run_vllm(
             assert made == len(prompts) * samples * cfg.tokens
             results[f"vllm_{name}_tok_s"] = round(made / elapsed, 1)
             print(f"  vllm ({name}) {results[f'vllm_{name}_tok_s']} tok/s", flush=True)
+        if cfg.server:
+
+            def send(_client: int, prompt: list[int]) -> Callable[[], int]:
+                answered = threading.Event()
+                out: list[object] = []
+
+                def done(result: object) -> None:
+                    out.append(result)
+                    answered.set()
+
+                sampler.submit(SampleInput(None, prompt, params), {}, done)
+
+                def tokens() -> int:
+                    answered.wait()
+                    if isinstance(out[0], Exception):
+                        raise out[0]
+                    return len(out[0].sequences[0].tokens)  # type: ignore[attr-defined]
+
+                return tokens
+
+            elapsed, _ = arrive(cfg, prompts, send)
+            results["vllm_concurrent_tok_s"] = round(cfg.concurrent * cfg.tokens / elapsed, 1)
+            print(f"  vllm (c) {results['vllm_concurrent_tok_s']} tok/s", flush=True)
     finally:
         sampler.close()
     return results
+
+
+def arrive(
+    cfg: SampleBenchConfig,
+    prompts: list[list[int]],
+    send: Callable[[int, list[int]], Callable[[], int]],
+) -> tuple[float, list[float]]:
+    """(c)'s arrivals: `clients` threads each send `concurrent // clients` requests spread
+    over `arrival_s`; `send(client, prompt)` starts one and returns a call that waits for it
+    and gives its token count. Returns the seconds from the first send to the last answer and
+    each request's latency."""
+    per_client = cfg.concurrent // cfg.clients
+    gap = cfg.arrival_s / max(1, per_client)
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        waits = []
+        for i in range(per_client):
+            sent = time.perf_counter()
+            waits.append((sent, send(c, prompts[(c + i) % len(prompts)])))
+            time.sleep(gap)
+        for sent, wait in waits:
+            assert wait() == cfg.tokens
+            with lock:
+                latencies.append(time.perf_counter() - sent)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(cfg.clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(latencies) == per_client * cfg.clients, "a client thread failed"
+    return time.perf_counter() - t0, latencies
 
 
 def run_concurrent(
@@ -211,8 +273,6 @@ def run_concurrent(
     import tinker
     from tinker import types
 
-    per_client = cfg.concurrent // cfg.clients
-    gap = cfg.arrival_s / max(1, per_client)
     with serve(cfg.model, cfg.data_dir, threads=cfg.threads, dtype=dtype, env=env) as srv:
         services = [
             tinker.ServiceClient(base_url=srv.url, api_key="tml-bench") for _ in range(cfg.clients)
@@ -221,32 +281,13 @@ def run_concurrent(
         params = types.SamplingParams(max_tokens=cfg.tokens, temperature=1.0, stop=[], seed=1)
         warm = samplers[0].sample(types.ModelInput.from_ints(prompts[0]), 1, params)
         warm.result()
-        latencies: list[float] = []
-        lock = threading.Lock()
 
-        def client(c: int) -> None:
-            futures = []
-            for i in range(per_client):
-                prompt = prompts[(c + i) % len(prompts)]
-                sent = time.perf_counter()
-                futures.append(
-                    (sent, samplers[c].sample(types.ModelInput.from_ints(prompt), 1, params))
-                )
-                time.sleep(gap)
-            for sent, future in futures:
-                result = future.result()
-                assert len(result.sequences[0].tokens) == cfg.tokens
-                with lock:
-                    latencies.append(time.perf_counter() - sent)
+        def send(client: int, prompt: list[int]) -> Callable[[], int]:
+            future = samplers[client].sample(types.ModelInput.from_ints(prompt), 1, params)
+            return lambda: len(future.result().sequences[0].tokens)
 
-        threads = [threading.Thread(target=client, args=(c,)) for c in range(cfg.clients)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.perf_counter() - t0
-    made = per_client * cfg.clients * cfg.tokens
+        elapsed, latencies = arrive(cfg, prompts, send)
+    made = len(latencies) * cfg.tokens
     return {
         "tinkerd_concurrent_tok_s": round(made / elapsed, 1),
         "concurrent_latency_p50_s": round(statistics.median(latencies), 2),
@@ -297,13 +338,10 @@ def run(cfg: SampleBenchConfig) -> dict:
         results["tinkerd_8x8_tok_s"] / results["machine_limit_tok_s"], 3
     )
     if cfg.vllm_python is not None:
-        print(f"vLLM ({cfg.vllm_python}): (a) and (b)", flush=True)
+        shapes = "(a), (b) and (c)'s arrivals" if cfg.server else "(a) and (b)"
+        print(f"vLLM ({cfg.vllm_python}): {shapes}", flush=True)
         model_dir = Path(base.model.name_or_path)
         results.update(run_vllm(cfg, model_dir, choice.dtype, prompts, base.info))
-        for name in ("8x1", "8x8"):
-            results[f"ratio_{name}_vs_vllm"] = round(
-                results[f"tinkerd_{name}_tok_s"] / results[f"vllm_{name}_tok_s"], 3
-            )
     if cfg.server:
         print(f"(c) {cfg.concurrent} requests from {cfg.clients} SDK clients", flush=True)
         env = choice.serve_env()
@@ -314,4 +352,9 @@ def run(cfg: SampleBenchConfig) -> dict:
         results["share_concurrent_of_limit"] = round(
             results["tinkerd_concurrent_tok_s"] / limit_c, 3
         )
+    for name in ("8x1", "8x8", "concurrent"):
+        if f"vllm_{name}_tok_s" in results and f"tinkerd_{name}_tok_s" in results:
+            results[f"ratio_{name}_vs_vllm"] = round(
+                results[f"tinkerd_{name}_tok_s"] / results[f"vllm_{name}_tok_s"], 3
+            )
     return results

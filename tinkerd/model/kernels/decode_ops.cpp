@@ -400,7 +400,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 // panel, blocks of kRows rows accumulate kRows x kPanel outputs in registers (one weight load
 // serves kRows rows). At 1-16 rows this reads the weights at close to the memory's speed,
 // where oneDNN's packed linear reached half of it; at 64-1024 rows it matched or beat oneDNN
-// (measured on AVX2 and AVX512 EPYCs; BENCHMARKS.md). Summation over K is sequential per
+// (measured on a 2-core AVX2 EPYC; BENCHMARKS.md). Summation over K is sequential per
 // output, so results differ from a BLAS's blocked sums in the last bits only.
 constexpr int kPanelVecs = 2;
 constexpr int64_t kPanel = kPanelVecs * kVec;
