@@ -2,26 +2,14 @@
 arrivals included (tinkerd through a live server, vLLM through its runner), with every figure
 and ratio reported. Needs the vLLM venv (`make vllm-venv` or TINKERD_VLLM_PYTHON); slow."""
 
-import os
 from pathlib import Path
 
-import pytest
+from vllm_env import NEEDS_VLLM, VLLM_PYTHON
 
 from tinkerd.bench.sample import SampleBenchConfig, run
 from tinkerd.constants import EMBEDDED_MODEL
-from tinkerd.engine.vllm_sampler import default_python
 
-REPO = Path(__file__).resolve().parents[2]
-VLLM_PYTHON = Path(os.environ.get("TINKERD_VLLM_PYTHON") or default_python(REPO) or "")
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.embedded,
-    pytest.mark.skipif(
-        not VLLM_PYTHON.is_file(),
-        reason="no vLLM venv: run `make vllm-venv` or set TINKERD_VLLM_PYTHON",
-    ),
-]
+pytestmark = NEEDS_VLLM
 
 
 def test_bench_runs_every_shape_on_both_engines(data_dir: Path) -> None:

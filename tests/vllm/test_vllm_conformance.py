@@ -21,12 +21,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from vllm_env import NEEDS_VLLM, VLLM_PYTHON
 
 from tinkerd.constants import EMBEDDED_MODEL
 from tinkerd.engine.adapter_files import write_adapter
 from tinkerd.engine.ops import Op, Sample
 from tinkerd.engine.telemetry import BatchPart, Telemetry
-from tinkerd.engine.vllm_sampler import IDENTITY, VllmConfig, VllmSamplerPool, default_python
+from tinkerd.engine.vllm_sampler import IDENTITY, VllmConfig, VllmSamplerPool
 from tinkerd.model.loading import BaseModel, load_base_model, resolve_model_path
 from tinkerd.model.lora import LoraConfig, segments_for
 from tinkerd.model.optimizer import AdamParams
@@ -40,7 +41,6 @@ from tinkerd.model.types import (
 )
 from tinkerd.model.worker import ModelWorker
 
-REPO = Path(__file__).resolve().parents[2]
 LOGPROB_TOL = 1e-3
 ADAPTER = "tuned"
 TRAINED = "What is tinkerd?"
@@ -48,21 +48,7 @@ REQUEST_IDS = itertools.count()
 ANSWER = " tinkerd is a self-hosted server for the Tinker fine-tuning API."
 
 
-def _vllm_python() -> Path | None:
-    env = os.environ.get("TINKERD_VLLM_PYTHON")
-    return Path(env) if env else default_python(REPO)
-
-
-VLLM_PYTHON = _vllm_python()
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.embedded,
-    pytest.mark.skipif(
-        VLLM_PYTHON is None or not VLLM_PYTHON.is_file(),
-        reason="no vLLM venv: run `make vllm-venv` or set TINKERD_VLLM_PYTHON",
-    ),
-]
+pytestmark = NEEDS_VLLM
 
 
 @pytest.fixture(scope="module")

@@ -4,30 +4,18 @@ adapter files; a plain greedy request runs there, one asking for top-K prompt lo
 tinkerd's sampler, and both give the same tokens. Needs the vLLM venv (`make vllm-venv` or
 TINKERD_VLLM_PYTHON); slow (the engine starts in about a minute)."""
 
-import os
 import sys
 from pathlib import Path
 
-import pytest
 from tinker import types
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "e2e"))  # e2e_helpers: servers, SDK data
 from e2e_helpers import run_server, sft_datum
+from vllm_env import NEEDS_VLLM, VLLM_PYTHON
 
 from tinkerd.constants import EMBEDDED_MODEL
-from tinkerd.engine.vllm_sampler import default_python
 
-REPO = Path(__file__).resolve().parents[2]
-VLLM_PYTHON = Path(os.environ.get("TINKERD_VLLM_PYTHON") or default_python(REPO) or "")
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.embedded,
-    pytest.mark.skipif(
-        not VLLM_PYTHON.is_file(),
-        reason="no vLLM venv: run `make vllm-venv` or set TINKERD_VLLM_PYTHON",
-    ),
-]
+pytestmark = NEEDS_VLLM
 
 
 def test_samples_route_to_vllm_and_agree(tmp_path: Path) -> None:
