@@ -25,7 +25,9 @@ An output: {"tokens": [ids], "logprobs": [floats], "finish": "stop" | "length",
 "prompt_logprobs": [null, floats...] | null}. Sampled-token logprobs are vLLM's
 processed_logprobs (log_softmax(z / T); T = 1 for greedy), prompt logprobs are at
 temperature 1. EOS handling is the caller's: vLLM's own EOS stop is off (`ignore_eos`) and the
-caller lists every stopping id. End of input (or {"op": "shutdown"}) ends the program.
+caller lists every stopping id. {"op": "abort", "id": N}: the control side stopped waiting
+for line N (its request timeout): its requests leave the engine (or the queue) and it gets no
+answer. End of input (or {"op": "shutdown"}) ends the program.
 """
 
 import json
@@ -210,15 +212,30 @@ class _Batcher:
     def _fail(self, answer: _Answer, error: str) -> None:
         if answer.left < 0:
             return  # already answered
+        self._drop(answer)
+        _send(self.out, {"id": answer.id, "ok": False, "error": error, "fatal": False})
+
+    def abort(self, message_id: int) -> None:
+        """Line `message_id`'s requests leave the engine and the queue, unanswered."""
+        slots = [*self.inflight.values(), *self.held]
+        answer = next((s[0] for s in slots if s[0].id == message_id and s[0].left >= 0), None)
+        if answer is not None:
+            dropped = self._drop(answer)
+            print(f"aborted request line {message_id} ({dropped} requests)", file=sys.stderr)
+        self._release()
+
+    def _drop(self, answer: _Answer) -> int:
+        """Take the line's requests out of the engine and the queue; mark it answered."""
         answer.left = -1
         drop = [k for k, slot in self.inflight.items() if slot[0] is answer]
         if drop:
             self.engine.abort_request(drop)
         for key in drop:
             del self.inflight[key]
+        held = len(self.held)
         self.held = [slot for slot in self.held if slot[0] is not answer]
         self.alone = any(s[2].get("prompt_logprobs") for s in self.inflight.values())
-        _send(self.out, {"id": answer.id, "ok": False, "error": error, "fatal": False})
+        return len(drop) + held - len(self.held)
 
     def step(self) -> None:
         for result in self.engine.step():
@@ -280,7 +297,10 @@ def main() -> int:
                 message = json.loads(line)
                 if message.get("op") == "shutdown":
                     return 0
-                batcher.add(message)
+                if message.get("op") == "abort":
+                    batcher.abort(message["id"])
+                else:
+                    batcher.add(message)
             try:
                 line = lines.get_nowait()
             except queue.Empty:

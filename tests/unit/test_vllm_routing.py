@@ -1,7 +1,9 @@
 """Which sample requests the vLLM pool may serve (fast; no vLLM needed): `vllm_unsupported`,
 the fresh LoRA id per adapter version, and a runner that cannot start."""
 
+import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -114,11 +116,14 @@ def test_runner_that_cannot_start_fails_with_its_reason(tmp_path: Path) -> None:
 def test_hung_runner_times_requests_out(tmp_path: Path) -> None:
     """A runner that starts and then never answers (alive, reading its input): each request
     line fails after `request_timeout`, through `generate` and through `send`'s callback (the
-    pool's path), and closing it still ends the process."""
+    pool's path), the runner is told to abort each, and closing it still ends the process."""
     hung = tmp_path / "hung-python"
+    seen = tmp_path / "lines"
     ready = '{"ready": true, "vllm": "hung", "device": "cpu"}'
-    # Reads its input and keeps its output open, never answering.
-    hung.write_text(f"#!/bin/sh\necho '{ready}'\nwhile read -r line; do :; done\n")
+    # Reads its input (keeping each line) and keeps its output open, never answering.
+    hung.write_text(
+        f"#!/bin/sh\necho '{ready}'\nwhile read -r line; do echo \"$line\" >> {seen}; done\n"
+    )
     hung.chmod(0o755)
     config = VllmConfig(python=hung, model_dir=tmp_path, request_timeout=0.5, start_timeout=60)
     process = VllmProcess(config)
@@ -130,6 +135,18 @@ def test_hung_runner_times_requests_out(tmp_path: Path) -> None:
             process.generate([{"prompt": PROMPT}])
         assert len(answers) == 1 and isinstance(answers[0], VllmError)
         assert process.alive  # timed out, not dead: later requests are still sent
+        # The aborts were written before the callers heard of the timeouts; the script may
+        # not have copied them to its file yet.
+        deadline = time.monotonic() + 30
+        while True:
+            text = seen.read_text() if seen.exists() else ""
+            lines = [json.loads(line) for line in text.splitlines()]
+            sent = [line["id"] for line in lines if "requests" in line]
+            aborted = [line["id"] for line in lines if line.get("op") == "abort"]
+            if len(aborted) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert len(sent) == 2 and sorted(aborted) == sorted(sent)
     finally:
         process.close(timeout=10)
     assert process.proc.poll() is not None

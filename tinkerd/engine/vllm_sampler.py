@@ -125,7 +125,8 @@ class VllmProcess:
     ended by its process id. Any number of threads may `generate` at once: their requests
     decode together in the runner's engine, and each call returns when its own are done.
     A request line unanswered after `request_timeout` fails with VllmError (a watchdog thread:
-    a hung runner that stays alive must not hold its callers forever); a late answer is dropped."""
+    a hung runner that stays alive must not hold its callers forever), and the runner is told
+    to abort it (its requests stop decoding); a late answer is dropped."""
 
     def __init__(self, config: VllmConfig) -> None:
         self.config = config
@@ -196,6 +197,9 @@ class VllmProcess:
                     return
                 late = [rid for rid, (_, due) in self._waiting.items() if due <= now]
                 expired = [self._waiting.pop(rid)[0] for rid in late]
+                for rid in late:
+                    with contextlib.suppress(OSError):  # a gone runner decodes nothing
+                        self._write({"op": "abort", "id": rid})
             for on_answer in expired:
                 on_answer(
                     VllmError(
@@ -244,11 +248,16 @@ class VllmProcess:
             rid = self._next_id
             self._waiting[rid] = (on_answer, time.monotonic() + self.config.request_timeout)
             try:
-                self.proc.stdin.write(json.dumps({"id": rid, "requests": requests}) + "\n")
-                self.proc.stdin.flush()
+                self._write({"id": rid, "requests": requests})
             except OSError as exc:
                 del self._waiting[rid]
                 raise VllmError(f"vLLM runner is gone: {exc}{self._tail()}") from exc
+
+    def _write(self, message: dict[str, Any]) -> None:
+        """One JSON line to the runner's input (the caller holds the lock)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(message) + "\n")
+        self.proc.stdin.flush()
 
     def generate(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """`send`, and wait for the answer."""
