@@ -19,7 +19,8 @@ previous static-batch sampler (one batch at a time, no prefix cache), for compar
 Where a vLLM venv is given (`--vllm-python`, default `.vllm-venv` when `make vllm-venv` built
 it), (a)/(b) also run on vLLM through tinkerd's runner (engine/vllm_sampler.py), same prompts,
 seeds and dtype, in the same run, and so do (c)'s arrivals (requests sent straight to the
-runner on the same schedule: no HTTP server in front of vLLM). The last line printed is one JSON object with every figure.
+runner on the same schedule: no HTTP server in front of vLLM). The last line printed is one
+JSON object with every figure.
 """
 
 import dataclasses
