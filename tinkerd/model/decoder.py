@@ -19,10 +19,10 @@ everything else keeps the transformers path (`decode_batch.PaddedBatch`).
 LoRA: the base matmul runs on every row; each adapter's low-rank delta runs on its own rows
 (`Groups`), with the pinned (frozen) adapter's factors cast to the compute dtype once.
 
-Fused kernels (model/kernels: RMSNorm, RoPE + KV write, attention, SiLU gate; the float32
-linear): on CPU, when
+Fused kernels (model/kernels: RMSNorm, RoPE + KV write, attention, SiLU gate): on CPU, when
 the model runs in its own dtype (float32 or bfloat16 weights and compute), each replaces a run
-of small eager ops; elsewhere, or where they cannot be built, the eager ops below run.
+of small eager ops; elsewhere, or where they cannot be built, the eager ops below run. The
+kernels' float32 linear serves the projections whenever they compute in float32 on CPU.
 """
 
 from collections.abc import Sequence
@@ -83,8 +83,8 @@ def mkldnn_packing(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def packing(device: torch.device, dtype: torch.dtype, kernels_on: bool) -> str | None:
-    """How `Proj` lays out its weights: "kernel" (the kernels' float32 linear, which streams
-    the weights at 1-16 rows about 1.3-1.7x faster than oneDNN: BENCHMARKS.md), "mkldnn"
+    """How `Proj` lays out its weights: "kernel" (the kernels' float32 linear, 1.2-1.6x faster
+    than oneDNN's at 1-16 rows on an AVX2 EPYC: BENCHMARKS.md), "mkldnn"
     (oneDNN's packed linear), or None (plain `F.linear` on the base's weights, no copy)."""
     if kernels_on and device.type == "cpu" and dtype == torch.float32 and kernels.load():
         return "kernel"

@@ -393,7 +393,6 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return out;
 }
 
-
 // A float32 linear for the decode step's few rows: y = x W^T + bias, with W packed once into
 // panels of kPanel outputs, each panel (K, kPanel) so that a step over K reads kPanel
 // consecutive weights. Each thread streams its own run of panels from memory once; inside a
@@ -465,11 +464,11 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t out_
                   (panels - 1) * kPanel < out_features,
               "packed: pack_linear of an (out_features, in_features) weight");
   at::Tensor out = at::empty({rows, out_features}, x.options());
-  at::Tensor bias;  // padded to whole panels
+  at::Tensor bias;
   if (bias_in.has_value() && bias_in->defined()) {
-    TORCH_CHECK(bias_in->numel() == out_features, "bias: (out_features,)");
-    bias = at::zeros({panels * kPanel}, x.options());
-    bias.narrow(0, 0, out_features).copy_(*bias_in);
+    bias = bias_in->contiguous();
+    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.numel() == out_features,
+                "bias: (out_features,) float32");
   }
   if (rows == 0) return out;
   const float* xp = x.data_ptr<float>();
@@ -477,10 +476,15 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t out_
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   float* yp = out.data_ptr<float>();
   parallel_for(panels, grain(k * kPanel), [&](int64_t begin, int64_t end) {
+    float tail_bias[kPanel] = {};  // the last, partial panel's bias, padded with zeros
     for (int64_t p = begin; p < end; ++p) {
       const float* panel = wp + p * k * kPanel;
-      const float* b = bp ? bp + p * kPanel : nullptr;
       const int64_t width = std::min<int64_t>(kPanel, out_features - p * kPanel);
+      const float* b = bp ? bp + p * kPanel : nullptr;
+      if (b && width < kPanel) {
+        std::copy(b, b + width, tail_bias);
+        b = tail_bias;
+      }
       float* y = yp + p * kPanel;
       int64_t r = 0;
       for (; r + kRows <= rows; r += kRows) {
